@@ -1,0 +1,3 @@
+from medfs.cli.main import main
+
+raise SystemExit(main())

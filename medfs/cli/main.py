@@ -1,0 +1,71 @@
+"""Entry point: parse the command line, run one command, turn `MedfsError` into a message."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from medfs import __version__
+from medfs.cli import node
+from medfs.errors import MedfsError
+
+# Each command module offers `register(subparsers, common)`; its parsers set `func`.
+COMMAND_MODULES: tuple[ModuleType, ...] = (node,)
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every command accepts, so `medfs CMD --state DIR` works after the command name."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state",
+        metavar="DIR",
+        default=os.environ.get("MEDFS_STATE"),
+        help="state directory (default: $MEDFS_STATE, else $XDG_DATA_HOME/medfs)",
+    )
+    common.add_argument(
+        "--api",
+        metavar="MULTIADDR",
+        default=os.environ.get("MEDFS_IPFS_API"),
+        help="Kubo RPC API to use instead of the embedded node (default: $MEDFS_IPFS_API)",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log what medfs does")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medfs", description="Encrypted filesystem for health records on IPFS."
+    )
+    parser.add_argument("--version", action="version", version=f"medfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = common_options()
+    for module in COMMAND_MODULES:
+        module.register(sub, common)
+    return parser
+
+
+def print_error(err: MedfsError) -> None:
+    print(f"medfs: error: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"medfs: hint: {err.hint}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="medfs: %(levelname)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except MedfsError as err:
+        print_error(err)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("medfs: interrupted", file=sys.stderr)
+        return 130
+    return code

@@ -1,0 +1,295 @@
+"""The IPFS adapter: the only module that speaks to a Kubo node (and imports ipfshttpclient).
+
+`IPFS` is synchronous and thread-safe; `AsyncIPFS` runs each call in a worker thread so that
+nothing here ever blocks the trio thread that serves FUSE. Every transport or RPC failure comes
+out as an `IPFSError` whose message names the node and the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, ParamSpec, TypeVar
+
+import requests
+import trio
+
+from medfs.errors import IPFSError
+
+with warnings.catch_warnings():
+    # ipfshttpclient 0.7.0 predates urllib3 2 and warns on import and on each connection.
+    warnings.simplefilter("ignore")
+    import ipfshttpclient
+    import ipfshttpclient.exceptions as ipfs_exc
+    import ipfshttpclient.multipart
+
+# 1 MiB leaves: a GiB is 1,024 blocks instead of the default 4,096, which makes adds faster and
+# DAGs smaller, while a random read still touches at most two leaves (a ciphertext segment is
+# about 64 KiB). It stays well under the 2 MiB block limit that bitswap enforces between peers.
+DEFAULT_CHUNKER = "size-1048576"
+# How much of a stream the multipart encoder hands to the socket at once.
+UPLOAD_CHUNK = 1 << 20
+DEFAULT_TIMEOUT = 30.0
+NODE_HINT = "start the embedded node with 'medfs node start', or pass --api MULTIADDR"
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NodeId:
+    peer_id: str
+    addresses: tuple[str, ...]
+    agent: str
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    cid: str
+    size: int  # bytes of file content
+    cumulative_size: int  # content plus DAG overhead
+
+
+class IteratorReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks, so a stream can be added lazily."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while not self._pending:
+            try:
+                self._pending = bytes(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _cause(err: BaseException) -> str:
+    """The most specific human reason inside a requests/urllib3 exception chain."""
+    text = str(err).lower()
+    for needle, reason in (
+        ("connection refused", "connection refused"),
+        ("name or service not known", "unknown host"),
+        ("timed out", "timed out"),
+        ("connection reset", "connection reset"),
+        ("remote end closed", "connection closed by the node"),
+    ):
+        if needle in text:
+            return reason
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+class IPFS:
+    """A Kubo RPC client. Safe to share between threads: each thread gets its own session."""
+
+    def __init__(
+        self, api: str, *, timeout: float = DEFAULT_TIMEOUT, chunker: str = DEFAULT_CHUNKER
+    ) -> None:
+        self.api = api
+        self.timeout = timeout
+        self.chunker = chunker
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    # Client() rather than connect(): connect() refuses every Kubo after 0.8.
+                    client = ipfshttpclient.Client(
+                        self.api, session=True, chunk_size=UPLOAD_CHUNK, timeout=self.timeout
+                    )
+            except ipfs_exc.AddressError as err:
+                raise IPFSError(
+                    f"not a usable IPFS API address: {self.api}",
+                    hint="give a multiaddr such as /ip4/127.0.0.1/tcp/5001",
+                ) from err
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    @contextlib.contextmanager
+    def _translate(self, what: str) -> Iterator[None]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                yield
+        except ipfs_exc.ErrorResponse as err:
+            raise IPFSError(f"the IPFS node at {self.api} refused to {what}: {err}") from err
+        except ipfs_exc.TimeoutError as err:
+            raise IPFSError(
+                f"the IPFS API at {self.api} did not answer within {self.timeout:g} s"
+                f" (while trying to {what})",
+                hint="check that the node is running and not overloaded ('medfs node status')",
+            ) from err
+        except (ipfs_exc.CommunicationError, requests.RequestException, OSError) as err:
+            original = getattr(err, "original", None) or err
+            raise IPFSError(
+                f"cannot reach the IPFS API at {self.api}: {_cause(original)}", hint=NODE_HINT
+            ) from err
+
+    def _request(self, what: str, path: str, *args: str, **opts: str) -> Any:
+        with self._translate(what):
+            return self._client()._client.request(
+                path, args, opts=opts, decoder="json", timeout=self.timeout
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    # -- operations ------------------------------------------------------------------------
+
+    def version(self) -> str:
+        with self._translate("report its version"):
+            return str(self._client().version()["Version"])
+
+    def id(self) -> NodeId:
+        with self._translate("report its identity"):
+            info = self._client().id()
+        return NodeId(
+            peer_id=info["ID"],
+            addresses=tuple(info.get("Addresses") or ()),
+            agent=info.get("AgentVersion", ""),
+        )
+
+    def add(self, data: bytes | BinaryIO | Iterable[bytes], *, pin: bool = True) -> str:
+        """Add one file's bytes (CIDv1, raw leaves) and return its CID. Streams; never buffers."""
+        if isinstance(data, bytes | bytearray | memoryview):
+            stream: BinaryIO = io.BytesIO(bytes(data))
+        elif hasattr(data, "read"):
+            stream = data  # type: ignore[assignment]
+        else:
+            stream = io.BufferedReader(IteratorReader(data), UPLOAD_CHUNK)
+        client = self._client()
+        body, headers = ipfshttpclient.multipart.stream_files(stream, chunk_size=UPLOAD_CHUNK)
+        opts = {
+            "cid-version": "1",
+            "raw-leaves": "true",
+            "chunker": self.chunker,
+            "pin": "true" if pin else "false",
+            "quieter": "true",
+        }
+        with self._translate("add data"):
+            result = client._client.request(
+                "/add", decoder="json", data=body, headers=headers, opts=opts, timeout=None
+            )
+        return str(result[-1]["Hash"])
+
+    def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes [offset, offset+length) of a file; fewer only at the end of the file."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            return b""
+        opts = {"offset": str(offset)}
+        if length is not None:
+            opts["length"] = str(length)
+        with self._translate(f"read {cid}"):
+            data = self._client()._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
+        return bytes(data)
+
+    def pin(self, cid: str) -> None:
+        self._request(f"pin {cid}", "/pin/add", cid)
+
+    def unpin(self, cid: str) -> None:
+        self._request(f"unpin {cid}", "/pin/rm", cid)
+
+    def pins(self) -> set[str]:
+        """CIDs pinned recursively (what `add` pins)."""
+        result = self._request("list pins", "/pin/ls", type="recursive")
+        keys: dict[str, Any] = {}
+        for item in result:
+            keys.update(item.get("Keys") or {})
+        return set(keys)
+
+    def gc(self) -> int:
+        """Run the garbage collector; return how many blocks it removed."""
+        result = self._request("collect garbage", "/repo/gc")
+        return sum(1 for item in result if item.get("Key"))
+
+    def stat(self, cid: str) -> ObjectStat:
+        result = self._request(f"stat {cid}", "/files/stat", f"/ipfs/{cid}")[0]
+        return ObjectStat(
+            cid=str(result["Hash"]),
+            size=int(result["Size"]),
+            cumulative_size=int(result["CumulativeSize"]),
+        )
+
+    def has_local(self, cid: str) -> bool:
+        """Whether the node holds the root block locally (without fetching it)."""
+        with self._translate(f"look up {cid}"):
+            try:
+                self._client()._client.request(
+                    "/block/stat", (cid,), decoder="json", offline=True, timeout=self.timeout
+                )
+            except ipfs_exc.ErrorResponse:
+                return False
+        return True
+
+    def swarm_connect(self, address: str) -> None:
+        # ipfshttpclient 0.7.0's swarm.connect sends each character as an argument.
+        self._request(f"connect to {address}", "/swarm/connect", address)
+
+    def swarm_peers(self) -> list[str]:
+        result = self._request("list peers", "/swarm/peers")[0]
+        return [str(p["Peer"]) for p in result.get("Peers") or ()]
+
+
+class AsyncIPFS:
+    """`IPFS` for trio code: every call runs in a worker thread, never on the trio thread."""
+
+    def __init__(self, sync: IPFS, *, limiter: trio.CapacityLimiter | None = None) -> None:
+        self.sync = sync
+        self._limiter = limiter
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        def call() -> T:
+            return fn(*args, **kwargs)
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def version(self) -> str:
+        return await self._run(self.sync.version)
+
+    async def id(self) -> NodeId:
+        return await self._run(self.sync.id)
+
+    async def add(self, data: bytes | BinaryIO | Iterable[bytes], *, pin: bool = True) -> str:
+        return await self._run(self.sync.add, data, pin=pin)
+
+    async def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
+        return await self._run(self.sync.cat, cid, offset, length)
+
+    async def pin(self, cid: str) -> None:
+        await self._run(self.sync.pin, cid)
+
+    async def unpin(self, cid: str) -> None:
+        await self._run(self.sync.unpin, cid)
+
+    async def stat(self, cid: str) -> ObjectStat:
+        return await self._run(self.sync.stat, cid)
+
+    async def swarm_connect(self, address: str) -> None:
+        await self._run(self.sync.swarm_connect, address)

@@ -1,0 +1,189 @@
+"""The IPFS adapter against a real Kubo daemon (no fakes)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from medfs.errors import IPFSError
+from medfs.ipfs import IPFS, AsyncIPFS
+
+MiB = 1 << 20
+
+
+def pseudo_random(n: int, seed: bytes = b"medfs") -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(seed + counter.to_bytes(8, "big")).digest() * 64
+        counter += 1
+    return bytes(out[:n])
+
+
+def odd_chunks(data: bytes) -> Iterator[bytes]:
+    """Chunks of uneven sizes, so nothing lines up with the node's 1 MiB leaves by accident."""
+    sizes = [1, 4095, 65537, 999_983, 3]
+    i = k = 0
+    while i < len(data):
+        n = sizes[k % len(sizes)]
+        yield data[i : i + n]
+        i += n
+        k += 1
+
+
+def test_round_trip_of_multi_mib_stream(ipfs: IPFS) -> None:
+    data = pseudo_random(7 * MiB + 12345)
+    cid = ipfs.add(odd_chunks(data))
+    assert cid.startswith("bafy")  # CIDv1
+    assert ipfs.cat(cid) == data
+    assert ipfs.stat(cid).size == len(data)
+    assert cid in ipfs.pins()
+
+
+def test_add_is_deterministic_across_input_shapes(ipfs: IPFS) -> None:
+    data = pseudo_random(3 * MiB + 7, seed=b"shape")
+    assert ipfs.add(data) == ipfs.add(odd_chunks(data))
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (0, 1),
+        (1, 1),
+        (MiB - 1, 2),  # across the first leaf boundary
+        (MiB - 3, MiB + 6),  # spans three leaves
+        (2 * MiB + 17, 65552),
+        (5 * MiB - 1, 1),  # the last byte
+        (5 * MiB - 10, 100),  # runs past the end: only what exists
+        (5 * MiB, 10),  # at the end: nothing
+        (12345, None),  # to the end
+    ],
+)
+def test_range_cat_equals_slice(ipfs: IPFS, offset: int, length: int | None) -> None:
+    data = pseudo_random(5 * MiB, seed=b"range")
+    cid = ipfs.add(data)
+    end = None if length is None else offset + length
+    assert ipfs.cat(cid, offset, length) == data[offset:end]
+
+
+def test_empty_object(ipfs: IPFS) -> None:
+    cid = ipfs.add(b"")
+    assert ipfs.cat(cid) == b""
+    assert ipfs.stat(cid).size == 0
+
+
+def test_unpin_then_gc_removes_blocks_and_keeps_pinned(ipfs: IPFS) -> None:
+    kept = ipfs.add(pseudo_random(2 * MiB, seed=b"kept"))
+    dropped = ipfs.add(pseudo_random(2 * MiB, seed=b"dropped"))
+    assert ipfs.has_local(dropped)
+    ipfs.unpin(dropped)
+    assert dropped not in ipfs.pins()
+    assert ipfs.gc() > 0
+    assert not ipfs.has_local(dropped)
+    assert ipfs.has_local(kept)
+    assert ipfs.cat(kept, 0, 4) == pseudo_random(4, seed=b"kept")
+
+
+def test_errors_from_the_node_are_medfs_errors(ipfs: IPFS) -> None:
+    with pytest.raises(IPFSError, match="refused to unpin"):
+        ipfs.unpin("bafkqaaa")  # the empty identity CID: never pinned
+    with pytest.raises(IPFSError, match="refused"):
+        ipfs.cat("not-a-cid")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_api_down_is_a_clear_error_not_a_hang() -> None:
+    port = free_port()
+    client = IPFS(f"/ip4/127.0.0.1/tcp/{port}", timeout=5)
+    started = time.monotonic()
+    with pytest.raises(IPFSError) as info:
+        client.cat("bafkqaaa")
+    assert (
+        str(info.value)
+        == f"cannot reach the IPFS API at /ip4/127.0.0.1/tcp/{port}: connection refused"
+    )
+    assert "medfs node start" in (info.value.hint or "")
+    assert time.monotonic() - started < 5
+
+
+class SilentServer:
+    """Accepts connections and never answers: a node that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_api_not_answering_times_out(silent_server: SilentServer) -> None:
+    client = IPFS(f"/ip4/127.0.0.1/tcp/{silent_server.port}", timeout=1)
+    with pytest.raises(IPFSError, match=r"did not answer within 1 s"):
+        client.version()
+
+
+async def test_async_calls_never_block_the_trio_thread(silent_server: SilentServer) -> None:
+    client = AsyncIPFS(IPFS(f"/ip4/127.0.0.1/tcp/{silent_server.port}", timeout=2))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        with pytest.raises(IPFSError):
+            await client.cat("bafkqaaa")
+        nursery.cancel_scope.cancel()
+    # The call waited ~2 s; had it run on the trio thread, the ticker could not have run.
+    assert ticks > 50
+
+
+async def test_async_round_trip(ipfs: IPFS) -> None:
+    client = AsyncIPFS(ipfs)
+    data = os.urandom(300_000)
+    cid = await client.add(data)
+    assert await client.cat(cid, 1000, 5000) == data[1000:6000]
+    assert (await client.stat(cid)).size == len(data)
+
+
+def test_bad_api_address() -> None:
+    with pytest.raises(IPFSError, match="not a usable IPFS API address"):
+        IPFS("localhost:5001").version()
