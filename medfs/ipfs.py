@@ -34,6 +34,7 @@ DEFAULT_CHUNKER = "size-1048576"
 # How much of a stream the multipart encoder hands to the socket at once.
 UPLOAD_CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
+MAX_IDLE_SESSIONS = 16
 NODE_HINT = "start the embedded node with 'medfs node start', or pass --api MULTIADDR"
 
 P = ParamSpec("P")
@@ -93,7 +94,7 @@ def _cause(err: BaseException) -> str:
 
 
 class IPFS:
-    """A Kubo RPC client. Safe to share between threads: each thread gets its own session."""
+    """A Kubo RPC client. Safe to share between threads: each call borrows a pooled session."""
 
     def __init__(
         self, api: str, *, timeout: float = DEFAULT_TIMEOUT, chunker: str = DEFAULT_CHUNKER
@@ -101,31 +102,46 @@ class IPFS:
         self.api = api
         self.timeout = timeout
         self.chunker = chunker
-        self._local = threading.local()
-        self._clients: list[Any] = []
+        self._idle: list[Any] = []  # keep-alive sessions not in use by any thread
         self._lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
+    def _new_client(self) -> Any:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # Client() rather than connect(): connect() refuses every Kubo after 0.8.
+                return ipfshttpclient.Client(
+                    self.api, session=True, chunk_size=UPLOAD_CHUNK, timeout=self.timeout
+                )
+        except ipfs_exc.AddressError as err:
+            raise IPFSError(
+                f"not a usable IPFS API address: {self.api}",
+                hint="give a multiaddr such as /ip4/127.0.0.1/tcp/5001",
+            ) from err
+
+    @contextlib.contextmanager
+    def _call(self, what: str) -> Iterator[Any]:
+        """Borrow a session for one request; failures come out as IPFSError."""
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
         if client is None:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    # Client() rather than connect(): connect() refuses every Kubo after 0.8.
-                    client = ipfshttpclient.Client(
-                        self.api, session=True, chunk_size=UPLOAD_CHUNK, timeout=self.timeout
-                    )
-            except ipfs_exc.AddressError as err:
-                raise IPFSError(
-                    f"not a usable IPFS API address: {self.api}",
-                    hint="give a multiaddr such as /ip4/127.0.0.1/tcp/5001",
-                ) from err
-            self._local.client = client
-            with self._lock:
-                self._clients.append(client)
-        return client
+            client = self._new_client()
+        ok = False
+        try:
+            with self._translate(what):
+                yield client
+            ok = True
+        finally:
+            # A session whose request failed may hold a broken connection: drop it.
+            if ok:
+                with self._lock:
+                    if len(self._idle) < MAX_IDLE_SESSIONS:
+                        self._idle.append(client)
+                        client = None
+            if client is not None:
+                client.close()
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
@@ -148,26 +164,26 @@ class IPFS:
             ) from err
 
     def _request(self, what: str, path: str, *args: str, **opts: str) -> Any:
-        with self._translate(what):
-            return self._client()._client.request(
+        with self._call(what) as client:
+            return client._client.request(
                 path, args, opts=opts, decoder="json", timeout=self.timeout
             )
 
     def close(self) -> None:
         with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
+            idle, self._idle = self._idle, []
+        for client in idle:
             client.close()
 
     # -- operations ------------------------------------------------------------------------
 
     def version(self) -> str:
-        with self._translate("report its version"):
-            return str(self._client().version()["Version"])
+        with self._call("report its version") as client:
+            return str(client.version()["Version"])
 
     def id(self) -> NodeId:
-        with self._translate("report its identity"):
-            info = self._client().id()
+        with self._call("report its identity") as client:
+            info = client.id()
         return NodeId(
             peer_id=info["ID"],
             addresses=tuple(info.get("Addresses") or ()),
@@ -182,7 +198,6 @@ class IPFS:
             stream = data  # type: ignore[assignment]
         else:
             stream = io.BufferedReader(IteratorReader(data), UPLOAD_CHUNK)
-        client = self._client()
         body, headers = ipfshttpclient.multipart.stream_files(stream, chunk_size=UPLOAD_CHUNK)
         opts = {
             "cid-version": "1",
@@ -191,7 +206,7 @@ class IPFS:
             "pin": "true" if pin else "false",
             "quieter": "true",
         }
-        with self._translate("add data"):
+        with self._call("add data") as client:
             result = client._client.request(
                 "/add", decoder="json", data=body, headers=headers, opts=opts, timeout=None
             )
@@ -206,8 +221,8 @@ class IPFS:
         opts = {"offset": str(offset)}
         if length is not None:
             opts["length"] = str(length)
-        with self._translate(f"read {cid}"):
-            data = self._client()._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
+        with self._call(f"read {cid}") as client:
+            data = client._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
         return bytes(data)
 
     def pin(self, cid: str) -> None:
@@ -239,9 +254,9 @@ class IPFS:
 
     def has_local(self, cid: str) -> bool:
         """Whether the node holds the root block locally (without fetching it)."""
-        with self._translate(f"look up {cid}"):
+        with self._call(f"look up {cid}") as client:
             try:
-                self._client()._client.request(
+                client._client.request(
                     "/block/stat", (cid,), decoder="json", offline=True, timeout=self.timeout
                 )
             except ipfs_exc.ErrorResponse:
