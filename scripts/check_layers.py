@@ -15,10 +15,12 @@ from pathlib import Path
 
 LAYERS: list[set[str]] = [
     {"errors", "paths"},
-    {"layout", "ipfs"},
+    {"layout", "ipfs", "manifest"},
     {"format", "kubo"},
-    {"recipients"},
+    {"recipients", "content"},
     {"identity"},
+    {"state", "fs"},
+    {"mount"},
     {"cli"},
 ]
 FENCED = {"ipfshttpclient": {"ipfs"}, "pyfuse3": {"fs", "mount"}}

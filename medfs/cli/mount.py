@@ -1,0 +1,162 @@
+"""`medfs init`, `medfs mount`, `medfs umount`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from medfs import identity, mount, state
+from medfs.errors import MedfsError, UsageError
+from medfs.kubo import resolve_api
+from medfs.paths import state_dir
+
+MOUNT_OPTIONS = {"ro", "rw", "allow_other"}
+PENDING_EXIT = 10
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    init = sub.add_parser("init", parents=[common], help="create a state directory")
+    init.add_argument("--key", metavar="NAME.key", help="bind this identity (default: create one)")
+    init.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    init.set_defaults(func=run_init)
+
+    mnt = sub.add_parser("mount", parents=[common], help="mount the encrypted filesystem")
+    mnt.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mnt.add_argument("--foreground", action="store_true", help="serve in this process")
+    mnt.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPT",
+        help="mount options: ro, allow_other (repeat or separate with commas)",
+    )  # fmt: skip
+    mnt.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    # Internal: the background daemon reports readiness on this fd and reads the passphrase
+    # from stdin.
+    mnt.add_argument("--daemon-ready-fd", type=int, help=argparse.SUPPRESS)
+    mnt.set_defaults(func=run_mount)
+
+    umnt = sub.add_parser("umount", parents=[common], help="flush, unmount, stop the daemon")
+    umnt.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umnt.set_defaults(func=run_umount)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    layout = state.Layout(state_dir(args.state))
+    if layout.config.exists():
+        raise UsageError(f"{layout.root} is already initialised")
+    key = Path(args.key) if args.key else None
+    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file, confirm=key is None)
+    owner = state.init(layout, passphrase, key=key)
+    print(f"initialised {layout.root}")
+    print(f"owner identity {owner.fingerprint}")
+    print(f"key file:    {state.key_path(layout)}")
+    if key is None:
+        print(f"public file: {layout.root / 'owner.pub'} (give it to people who share with you)")
+    return 0
+
+
+def _mount_options(raw: list[str]) -> set[str]:
+    options = {o.strip() for item in raw for o in item.split(",") if o.strip()}
+    unknown = options - MOUNT_OPTIONS
+    if unknown:
+        raise UsageError(
+            f"unknown mount option(s): {', '.join(sorted(unknown))}",
+            hint="medfs mount supports -o ro and -o allow_other",
+        )
+    if {"ro", "rw"} <= options:
+        raise UsageError("-o ro and -o rw contradict each other")
+    return options
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    if args.daemon_ready_fd is not None:
+        return _run_daemon(args)
+    layout = state.Layout(state_dir(args.state))
+    state.read_config(layout)
+    options = _mount_options(args.options)
+    mountpoint = mount.check_mountpoint(Path(args.mountpoint))
+    holder = state.holder(layout)
+    if holder:
+        raise mount.MountError(
+            f"{layout.root} is already mounted at {holder.get('mountpoint')}"
+            f" (pid {holder.get('pid')})",
+            hint="one mount per state directory; unmount it first",
+        )
+    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    mount_options = mount.MountOptions(
+        mountpoint=mountpoint,
+        api=resolve_api(layout.root, args.api),
+        read_only="ro" in options,
+        allow_other="allow_other" in options,
+    )
+    if args.foreground:
+        logging.getLogger().setLevel(logging.INFO)
+        pending = mount.serve(
+            layout,
+            mount_options,
+            passphrase,
+            ready=lambda: print(f"medfs: mounted {mountpoint}", file=sys.stderr, flush=True),
+        )
+        return _report_pending([f"inode {p.ino}: {p.error}" for p in pending])
+    mount.spawn_daemon(layout, mount_options, passphrase)
+    print(f"mounted {mountpoint} (log: {layout.log})")
+    return 0
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    """The background daemon: passphrase on stdin, readiness reported on the ready fd."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    ready_fd: int = args.daemon_ready_fd
+    reported = False
+
+    def report(message: dict[str, object]) -> None:
+        nonlocal reported
+        if not reported:
+            reported = True
+            os.write(ready_fd, json.dumps(message).encode())
+            os.close(ready_fd)
+
+    try:
+        passphrase = sys.stdin.readline().rstrip("\n")
+        layout = state.Layout(state_dir(args.state))
+        options = _mount_options(args.options)
+        mount_options = mount.MountOptions(
+            mountpoint=Path(args.mountpoint).absolute(),
+            api=args.api,
+            read_only="ro" in options,
+            allow_other="allow_other" in options,
+        )
+        pending = mount.serve(layout, mount_options, passphrase, ready=lambda: report({"ok": 1}))
+    except MedfsError as err:
+        logging.getLogger("medfs").error("%s", err.message)
+        report({"error": err.message, "hint": err.hint, "code": err.exit_code})
+        return err.exit_code
+    except BaseException as err:
+        logging.getLogger("medfs").exception("the mount daemon failed")
+        report({"error": f"the mount daemon failed: {err!r}", "hint": None, "code": 1})
+        raise
+    return 0 if not pending else PENDING_EXIT
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint)
+    pending = mount.unmount(mountpoint, None)
+    if not pending:
+        print(f"unmounted {mountpoint.absolute()}")
+    return _report_pending(pending)
+
+
+def _report_pending(pending: list[str]) -> int:
+    if not pending:
+        return 0
+    print("medfs: error: these files could not be saved to IPFS:", file=sys.stderr)
+    for item in pending:
+        print(f"  {item}", file=sys.stderr)
+    return PENDING_EXIT

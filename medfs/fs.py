@@ -1,0 +1,679 @@
+"""The FUSE operations: the filesystem tree from the manifest, contents from `medfs.content`.
+
+Every handler answers either a result or `pyfuse3.FUSEError(errno)`; `_op` maps every other
+exception to an errno (and logs the unexpected ones), so nothing else ever reaches pyfuse3.
+
+Inode numbers are the manifest's. A file's content is committed as a new version when a
+handle that wrote to it is flushed or fsynced (close(2) flushes); a path-based truncate commits
+at once. An unlinked file keeps its inode, and stays readable, until the kernel forgets it and
+its last handle is released.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from medfs import format, recipients
+from medfs.content import (
+    MAX_READAHEAD,
+    ContentError,
+    Draft,
+    Reader,
+    Staging,
+    Version,
+)
+from medfs.errors import FormatError, IPFSError, MedfsError
+from medfs.identity import Identity
+from medfs.manifest import Inode, Manifest
+
+log = logging.getLogger(__name__)
+
+# Metadata changes only through this daemon, which answers with fresh attributes each time; a
+# short timeout still bounds how stale a view can be after a share or umount flush.
+ATTR_TIMEOUT = 1.0
+NAME_MAX = 255
+XATTR_CID = b"user.medfs.cid"
+XATTR_INFO = b"user.medfs.info"
+
+KIND_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _op(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn every failure of a handler into a FUSEError with the right errno."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ContentError as err:
+            log.error("%s: %s", fn.__name__, err)
+            raise pyfuse3.FUSEError(err.errno) from None
+        except FileExistsError:
+            raise pyfuse3.FUSEError(errno.EEXIST) from None
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except (IPFSError, FormatError, MedfsError) as err:
+            log.error("%s: %s", fn.__name__, err.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as err:
+            log.error("%s: %s", fn.__name__, err)
+            raise pyfuse3.FUSEError(err.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def entry_id(ino: int) -> bytes:
+    """What a wrapped content key is bound to besides its object: the file it belongs to."""
+    return f"medfs inode {ino}".encode()
+
+
+@dataclass
+class Handle:
+    ino: int
+    writable: bool
+    # Read-ahead state: where the last read ended, and the current window in segments.
+    next_offset: int = 0
+    ahead: int = 0
+    wrote: bool = False
+
+
+@dataclass
+class Pending:
+    """A draft whose commit failed: kept so umount can say what was not saved."""
+
+    ino: int
+    error: str
+
+
+@dataclass
+class Stats:
+    commits: int = 0
+    failures: list[Pending] = field(default_factory=list)
+
+
+class Filesystem(pyfuse3.Operations):
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        owner: Identity,
+        reader: Reader,
+        staging: Staging,
+        *,
+        read_only: bool = False,
+        statfs_path: str = "/",
+    ) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.owner = owner
+        self.reader = reader
+        self.ipfs = reader.ipfs
+        self.staging = staging
+        self.read_only = read_only
+        self.statfs_path = statfs_path
+        self.stats = Stats()
+        self._lookups: dict[int, int] = {}
+        self._open: dict[int, int] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = itertools.count(1)
+        self._drafts: dict[int, Draft] = {}
+        self._versions: dict[int, Version] = {}
+        self._unlinked: set[int] = set()
+        self._last_open_cid: dict[int, str | None] = {}
+        self._garbage: list[str] = []
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle (called by medfs.mount) ------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        for inode in self.manifest.orphans():  # unlinked while open when a previous run died
+            self._free(inode.ino)
+
+    async def shutdown(self) -> list[Pending]:
+        """Commit every draft still dirty, unpin garbage; return what could not be saved."""
+        failed: list[Pending] = []
+        for ino in list(self._drafts):
+            try:
+                await self._commit(ino)
+            except (ContentError, MedfsError) as err:
+                failed.append(Pending(ino, str(err)))
+        await trio.to_thread.run_sync(self._unpin_sync)
+        for draft in self._drafts.values():
+            draft.discard()
+        return failed
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.manifest.get(ino)
+        if inode is None:
+            raise _fail(errno.ENOENT)
+        return inode
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.ino
+        attrs.generation = 0
+        attrs.entry_timeout = ATTR_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.st_mode = KIND_BITS[inode.kind] | inode.mode
+        attrs.st_nlink = 0 if inode.ino in self._unlinked else (2 if inode.kind == "dir" else 1)
+        attrs.st_uid = inode.uid
+        attrs.st_gid = inode.gid
+        attrs.st_rdev = 0
+        draft = self._drafts.get(inode.ino)
+        if draft is not None:
+            attrs.st_size = draft.size
+            attrs.st_mtime_ns = draft.mtime_ns or inode.mtime_ns
+        else:
+            attrs.st_size = inode.size
+            attrs.st_mtime_ns = inode.mtime_ns
+        attrs.st_blksize = 1 << 16
+        attrs.st_blocks = -(-attrs.st_size // 512)
+        attrs.st_atime_ns = inode.atime_ns
+        attrs.st_ctime_ns = inode.ctime_ns
+        return attrs
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
+        return self._attrs(inode)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise _fail(errno.EROFS)
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise _fail(errno.ENAMETOOLONG)
+        if b"/" in name or name in (b"", b".", b".."):
+            raise _fail(errno.EINVAL)
+
+    def _version(self, inode: Inode) -> Version | None:
+        """The current committed version with its content key, or None for no object yet."""
+        if inode.cid is None or inode.salt is None:
+            return None
+        cached = self._versions.get(inode.ino)
+        if cached is not None and cached.cid == inode.cid:
+            return cached
+        wraps = self.manifest.wraps(inode.ino)
+        stanza_bytes = wraps.get(self.owner.fingerprint)
+        if stanza_bytes is None:
+            raise ContentError(f"inode {inode.ino}: no key wrapped for this identity", errno.EACCES)
+        stanza = recipients.Stanza.from_bytes(stanza_bytes)
+        key = self.owner.unwrap(stanza, recipients.entry_context(entry_id(inode.ino), inode.salt))
+        version = Version(inode.cid, key, inode.salt, inode.size)
+        self._versions[inode.ino] = version
+        return version
+
+    def _draft(self, inode: Inode) -> Draft:
+        draft = self._drafts.get(inode.ino)
+        if draft is None:
+            draft = Draft(self.reader, self.staging, self._version(inode), inode.size)
+            draft.mtime_ns = inode.mtime_ns
+            self._drafts[inode.ino] = draft
+        return draft
+
+    def _wrap_all(self, ino: int, key: bytes, salt: bytes) -> dict[str, bytes]:
+        context = recipients.entry_context(entry_id(ino), salt)
+        recipient_list = [self.owner.public.recipient()]
+        return {r.fingerprint: recipients.wrap(key, r, context).to_bytes() for r in recipient_list}
+
+    async def _commit(self, ino: int) -> None:
+        draft = self._drafts.get(ino)
+        if draft is None:
+            return
+        result = await draft.commit()
+        if result is None:
+            return
+        uploaded, key = result
+        wraps = await trio.to_thread.run_sync(self._wrap_all, ino, key, uploaded.salt)
+        now = time.time_ns()
+        old = self.manifest.commit_version(
+            ino,
+            cid=uploaded.cid,
+            salt=uploaded.salt,
+            size=uploaded.size,
+            format=format.VERSION,
+            mtime_ns=draft.mtime_ns or now,
+            version_ns=now,
+            wraps=wraps,
+        )
+        self._versions[ino] = Version(uploaded.cid, key, uploaded.salt, uploaded.size)
+        self.stats.commits += 1
+        garbage = draft.take_garbage()
+        if old is not None and old != uploaded.cid:
+            garbage.append(old)
+        self._discard_later(garbage)
+
+    def _discard_later(self, cids: Sequence[str]) -> None:
+        self._garbage.extend(cids)
+        if self._garbage and self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._unpin_sync)
+
+    def _unpin_sync(self) -> None:
+        while self._garbage:
+            cid = self._garbage.pop()
+            try:
+                self.ipfs.unpin(cid)
+            except IPFSError as err:
+                # Already unpinned, or the node is away: `medfs verify` reports orphan pins.
+                log.info("unpin %s: %s", cid, err.message)
+
+    def _maybe_free(self, ino: int) -> None:
+        if ino in self._unlinked and not self._lookups.get(ino) and not self._open.get(ino):
+            self._free(ino)
+
+    def _free(self, ino: int) -> None:
+        self._unlinked.discard(ino)
+        inode = self.manifest.delete_inode(ino)
+        self._versions.pop(ino, None)
+        draft = self._drafts.pop(ino, None)
+        garbage = draft.take_garbage() if draft else []
+        if draft is not None:
+            draft.discard()
+        if inode.cid is not None:
+            garbage.append(inode.cid)
+        self._discard_later(garbage)
+
+    def _detach(self, inode: Inode) -> None:
+        """An inode lost its name: free it now, or when the kernel and handles let go."""
+        self._unlinked.add(inode.ino)
+        self._maybe_free(inode.ino)
+
+    # -- lookups and attributes ---------------------------------------------------------------
+
+    @_op
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if len(name) > NAME_MAX:
+            raise _fail(errno.ENAMETOOLONG)
+        if name == b".":
+            return self._entry(self._inode(parent_inode))
+        if name == b"..":
+            up = self.manifest.parent_of(parent_inode) or pyfuse3.ROOT_INODE
+            return self._entry(self._inode(up))
+        inode = self.manifest.lookup(parent_inode, name)
+        if inode is None:
+            raise _fail(errno.ENOENT)
+        return self._entry(inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+                try:
+                    self._maybe_free(ino)
+                except Exception:  # forget has no one to answer: log and go on
+                    log.exception("freeing inode %d", ino)
+
+    @_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._inode(inode))
+
+    @_op
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        node = self._inode(inode)
+        now = time.time_ns()
+        if fields.update_uid and attr.st_uid != node.uid:
+            raise _fail(errno.EPERM)
+        if fields.update_gid and attr.st_gid != node.gid:
+            raise _fail(errno.EPERM)
+        if fields.update_size:
+            if node.kind == "dir":
+                raise _fail(errno.EISDIR)
+            if node.kind != "file":
+                raise _fail(errno.EINVAL)
+            draft = self._draft(node)
+            if attr.st_size != draft.size:
+                await draft.truncate(attr.st_size)
+                draft.mtime_ns = now
+                if fh is None:  # truncate(2) by path: no close will follow to commit it
+                    await self._commit(inode)
+        changes: dict[str, Any] = {"ctime_ns": now}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode & 0o7777
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+            pending = self._drafts.get(inode)
+            if pending is not None:
+                pending.mtime_ns = attr.st_mtime_ns
+        elif fields.update_size:
+            changes["mtime_ns"] = now
+        node = self.manifest.set_attrs(inode, **changes)
+        return self._attrs(node)
+
+    @_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        if node.kind != "symlink":
+            raise _fail(errno.EINVAL)
+        return self.manifest.readlink(inode)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    def _new(self, parent: int, name: bytes, kind: str, mode: int, ctx: pyfuse3.RequestContext,
+             target: bytes | None = None) -> Inode:  # fmt: skip
+        self._writable()
+        self._check_name(name)
+        if self._inode(parent).kind != "dir":
+            raise _fail(errno.ENOTDIR)
+        return self.manifest.create(
+            parent, name, kind, mode & 0o7777, ctx.uid, ctx.gid, time.time_ns(), target=target
+        )
+
+    @_op
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self._new(parent_inode, name, "dir", mode, ctx))
+
+    @_op
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self._new(parent_inode, name, "symlink", 0o777, ctx, target=target))
+
+    @_op
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # Device files, FIFOs and sockets have no place in a record store.
+        raise _fail(errno.EPERM)
+
+    @_op
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.EPERM)
+
+    @_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        node = self.manifest.lookup(parent_inode, name)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        if node.kind == "dir":
+            raise _fail(errno.EISDIR)
+        self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        self._detach(node)
+
+    @_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        node = self.manifest.lookup(parent_inode, name)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        if node.kind != "dir":
+            raise _fail(errno.ENOTDIR)
+        if self.manifest.has_children(node.ino):
+            raise _fail(errno.ENOTEMPTY)
+        self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        self._detach(node)
+
+    @_op
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise _fail(errno.EINVAL)
+        self._check_name(name_new)
+        moved = self.manifest.lookup(parent_inode_old, name_old)
+        if moved is None:
+            raise _fail(errno.ENOENT)
+        if self._inode(parent_inode_new).kind != "dir":
+            raise _fail(errno.ENOTDIR)
+        target = self.manifest.lookup(parent_inode_new, name_new)
+        if target is not None:
+            if target.ino == moved.ino:
+                return
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise _fail(errno.EEXIST)
+            if moved.kind == "dir" and target.kind != "dir":
+                raise _fail(errno.ENOTDIR)
+            if moved.kind != "dir" and target.kind == "dir":
+                raise _fail(errno.EISDIR)
+            if target.kind == "dir" and self.manifest.has_children(target.ino):
+                raise _fail(errno.ENOTEMPTY)
+        if moved.kind == "dir" and self._is_ancestor(moved.ino, parent_inode_new):
+            raise _fail(errno.EINVAL)
+        replaced = self.manifest.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, now_ns=time.time_ns()
+        )
+        if replaced is not None:
+            self._detach(replaced)
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        current: int | None = ino
+        while current is not None and current != pyfuse3.ROOT_INODE:
+            if current == ancestor:
+                return True
+            current = self.manifest.parent_of(current)
+        return False
+
+    @_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._inode(inode).kind != "dir":
+            raise _fail(errno.ENOTDIR)
+        return inode
+
+    @_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Offsets are dirent ids: stable while entries come and go between calls.
+        after = start_id
+        while True:
+            batch = self.manifest.children(fh, after=after, limit=256)
+            if not batch:
+                return
+            for dirent_id, name, inode in batch:
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode), dirent_id):
+                    return
+                self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
+                after = dirent_id
+
+    @_op
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        local = os.statvfs(self.statfs_path)
+        files, _dirs, _bytes = self.manifest.statistics()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = local.f_bsize
+        out.f_frsize = local.f_frsize
+        out.f_blocks = local.f_blocks
+        out.f_bfree = local.f_bfree
+        out.f_bavail = local.f_bavail
+        out.f_files = files + local.f_ffree
+        out.f_ffree = local.f_ffree
+        out.f_favail = local.f_favail
+        out.f_namemax = NAME_MAX
+        return out
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _new_handle(self, ino: int, writable: bool) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = Handle(ino, writable)
+        self._open[ino] = self._open.get(ino, 0) + 1
+        return fh
+
+    @_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._new(parent_inode, name, "file", mode, ctx)
+        draft = self._draft(node)
+        draft.dirty = True  # even an empty new file becomes a (tiny) encrypted object
+        fh = self._new_handle(node.ino, writable=True)
+        self._handles[fh].wrote = True
+        self._last_open_cid[node.ino] = None
+        return pyfuse3.FileInfo(fh=fh), self._entry(node)
+
+    @_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if node.kind != "file":
+            raise _fail(errno.EISDIR if node.kind == "dir" else errno.ELOOP)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            self._writable()
+        if writable and flags & os.O_TRUNC:
+            # libfuse negotiates atomic O_TRUNC, so truncation arrives here, not as setattr.
+            draft = self._draft(node)
+            if draft.size:
+                await draft.truncate(0)
+                draft.mtime_ns = time.time_ns()
+        # The kernel may keep cached pages only when the content is the one it cached before.
+        unchanged = inode not in self._drafts and self._last_open_cid.get(inode, "") == node.cid
+        self._last_open_cid[inode] = node.cid
+        return pyfuse3.FileInfo(fh=self._new_handle(inode, writable), keep_cache=unchanged)
+
+    @_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        draft = self._drafts.get(handle.ino)
+        if draft is not None:
+            return await draft.read(off, size)
+        version = self._version(self._inode(handle.ino))
+        if version is None:
+            return b""
+        if off == handle.next_offset:
+            handle.ahead = min(MAX_READAHEAD, max(4, handle.ahead * 2))
+        else:
+            handle.ahead = 0
+        data = await self.reader.read(version, off, size, handle.ahead)
+        handle.next_offset = off + len(data)
+        return data
+
+    @_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._writable()
+        handle = self._handles[fh]
+        draft = self._draft(self._inode(handle.ino))
+        await draft.write(off, buf)
+        draft.mtime_ns = time.time_ns()
+        handle.wrote = True
+        return len(buf)
+
+    async def _save(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if handle is None or not handle.writable:
+            return
+        try:
+            await self._commit(handle.ino)
+        except (ContentError, MedfsError) as err:
+            self.stats.failures.append(Pending(handle.ino, str(err)))
+            raise
+
+    @_op
+    async def flush(self, fh: int) -> None:
+        await self._save(fh)
+
+    @_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._save(fh)
+
+    @_op
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        ino = handle.ino
+        self._open[ino] -= 1
+        if not self._open[ino]:
+            del self._open[ino]
+            draft = self._drafts.get(ino)
+            if draft is not None and not draft.dirty:
+                # Clean: the manifest has everything; give back staging space and memory.
+                self._discard_later(draft.take_garbage())
+                draft.discard()
+                del self._drafts[ino]
+        self._maybe_free(ino)
+
+    # -- extended attributes: read-only facts for `medfs ls/stat` ------------------------------
+
+    @_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        if name == XATTR_CID:
+            if node.cid is None:
+                raise _fail(pyfuse3.ENOATTR)
+            return node.cid.encode()
+        if name == XATTR_INFO:
+            info = {
+                "cid": node.cid,
+                "size": node.size,
+                "kind": node.kind,
+                "version_ns": node.version_ns,
+                "mtime_ns": node.mtime_ns,
+                "format": node.format,
+                "recipients": sorted(self.manifest.wraps(inode)),
+                "pending": inode in self._drafts and self._drafts[inode].dirty,
+            }
+            return json.dumps(info).encode()
+        raise _fail(pyfuse3.ENOATTR)
+
+    @_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        # Not listed, so cp -a and rsync -X do not copy medfs's facts onto other files.
+        self._inode(inode)
+        return []
+
+    @_op
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        raise _fail(errno.ENOTSUP)
+
+    @_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise _fail(errno.ENOTSUP)

@@ -1,0 +1,285 @@
+"""The mount lifecycle: start the daemon, serve FUSE, unmount, and report what was not saved.
+
+`medfs mount` (without --foreground) checks everything it can in the foreground, then starts
+the daemon as a detached child that reads the passphrase from a pipe and reports on a second
+pipe whether the mount came up, so the command returns only once the mount is ready or has
+failed. `medfs umount` asks the kernel to unmount (fusermount3 -u), which makes the daemon
+commit what is left and exit, then reads the daemon's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pyfuse3
+import trio
+
+from medfs import state
+from medfs.content import Reader, SegmentCache, Staging
+from medfs.errors import MedfsError, UsageError
+from medfs.fs import Filesystem, Pending
+from medfs.ipfs import IPFS
+
+log = logging.getLogger(__name__)
+
+CACHE_BYTES = 64 << 20
+STAGING_LIMIT = 8 << 30
+READY_TIMEOUT = 120.0
+
+
+class MountError(MedfsError):
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    mountpoint: Path
+    api: str
+    read_only: bool = False
+    allow_other: bool = False
+
+
+def check_mountpoint(path: Path) -> Path:
+    path = path.absolute()
+    if not path.is_dir():
+        raise UsageError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already a mount point", hint=f"medfs umount {path}")
+    return path
+
+
+def fsname(layout: state.Layout) -> str:
+    # The source column of /proc/mounts: lets `medfs umount MNT` find the state directory.
+    return "medfs:" + str(layout.root).replace(",", "_")
+
+
+def report_path(layout: state.Layout) -> Path:
+    return layout.root / "umount-report.json"
+
+
+def serve(
+    layout: state.Layout,
+    options: MountOptions,
+    passphrase: str,
+    ready: Callable[[], None],
+) -> list[Pending]:
+    """Mount and serve until unmounted; return what could not be committed."""
+    lock = state.MountLock(layout)
+    lock.acquire(options.mountpoint)
+    with contextlib.ExitStack() as stack:
+        stack.callback(lock.release)
+        owner, manifest = state.unlock(layout, passphrase)
+        stack.callback(manifest.close)
+        ipfs = IPFS(options.api)
+        stack.callback(ipfs.close)
+        ipfs.version()  # fail now, with the node's address in the message, not at first read
+        staging = Staging(layout.staging, STAGING_LIMIT)
+        fs = Filesystem(
+            manifest,
+            owner,
+            Reader(ipfs, SegmentCache(CACHE_BYTES)),
+            staging,
+            read_only=options.read_only,
+            statfs_path=str(layout.root),
+        )
+        fuse_options = set(pyfuse3.default_options)
+        fuse_options |= {f"fsname={fsname(layout)}", "subtype=medfs"}
+        if options.read_only:
+            fuse_options.add("ro")
+        if options.allow_other:
+            fuse_options.add("allow_other")
+        with contextlib.suppress(FileNotFoundError):
+            report_path(layout).unlink()
+        pyfuse3.init(fs, str(options.mountpoint), fuse_options)
+        log.info("mounted %s (api %s)", options.mountpoint, options.api)
+        try:
+            ready()
+            pending = trio.run(_main, fs)
+        except BaseException:
+            pyfuse3.close(unmount=False)
+            raise
+        pyfuse3.close()
+        log.info("unmounted %s: %d versions committed", options.mountpoint, fs.stats.commits)
+        report = {"pending": [{"inode": p.ino, "error": p.error} for p in pending]}
+        report_path(layout).write_text(json.dumps(report))
+        return pending
+
+
+async def _main(fs: Filesystem) -> list[Pending]:
+    async with trio.open_nursery() as nursery:
+        fs.start(nursery)
+        nursery.start_soon(_terminate_on_signals)
+        await pyfuse3.main()
+        pending = await fs.shutdown()
+        nursery.cancel_scope.cancel()
+    return pending
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+# -- the background daemon ---------------------------------------------------------------------
+
+
+def spawn_daemon(layout: state.Layout, options: MountOptions, passphrase: str) -> None:
+    """Start the daemon detached; return once it reports the mount ready, or raise its error."""
+    layout.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ready_r, ready_w = os.pipe()
+    argv = [
+        sys.executable, "-m", "medfs", "mount", str(options.mountpoint), "--foreground",
+        "--state", str(layout.root), "--api", options.api, "--daemon-ready-fd", str(ready_w),
+    ]  # fmt: skip
+    if options.read_only:
+        argv += ["-o", "ro"]
+    if options.allow_other:
+        argv += ["-o", "allow_other"]
+    env = dict(os.environ)
+    env.pop("MEDFS_PASSPHRASE", None)  # it travels through the pipe, not the environment
+    with open(layout.log, "ab") as log_file:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(ready_w,),
+            start_new_session=True,
+            env=env,
+        )
+    os.close(ready_w)
+    assert proc.stdin is not None
+    proc.stdin.write(passphrase.encode() + b"\n")
+    proc.stdin.close()
+    with os.fdopen(ready_r, "rb") as ready:
+        message = _read_ready(ready, proc)
+    if message.get("ok"):
+        proc.returncode = 0  # detached on purpose: it outlives this command
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    error = MountError(
+        str(message.get("error") or f"the mount daemon failed; see {layout.log}"),
+        hint=str(message["hint"]) if message.get("hint") else None,
+    )
+    code = message.get("code")
+    if isinstance(code, int) and code > 0:
+        error.exit_code = code  # the daemon's own reason, e.g. a wrong passphrase
+    raise error
+
+
+def _read_ready(ready: BinaryIO, proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    """The daemon's one message: {"ok": 1}, or {"error": ..., "hint": ..., "code": ...}."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([ready], [], [], left)[0]:
+            break
+        chunk = os.read(ready.fileno(), 4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    if isinstance(message, dict):
+        return message
+    proc.poll()
+    return {"error": f"the mount daemon exited (status {proc.returncode}) before mounting"}
+
+
+# -- unmounting ------------------------------------------------------------------------------------
+
+
+def _mount_source(mountpoint: Path) -> str | None:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        sep = fields.index("-")
+        where = fields[4].encode().decode("unicode_escape")
+        if where == str(mountpoint):
+            return fields[sep + 2]
+    return None
+
+
+def state_of_mount(mountpoint: Path) -> state.Layout | None:
+    source = _mount_source(mountpoint)
+    if source and source.startswith("medfs:"):
+        return state.Layout(Path(source[len("medfs:") :]))
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def unmount(mountpoint: Path, layout: state.Layout | None, timeout: float = 3600) -> list[str]:
+    """Unmount and wait for the daemon; return descriptions of what it could not commit."""
+    mountpoint = mountpoint.absolute()
+    found = state_of_mount(mountpoint)
+    if found is None:
+        if _mount_source(mountpoint) is None:
+            raise UsageError(f"{mountpoint} is not mounted")
+        raise UsageError(f"{mountpoint} is not a medfs mount")
+    layout = found
+    holder = state.holder(layout)
+    pid = int(str(holder["pid"])) if holder and "pid" in holder else None
+    if pid is None or not _pid_alive(pid):
+        # The daemon died: the kernel still holds a dead mount ("transport endpoint is not
+        # connected"). Detach it lazily; nothing unsaved survived the daemon anyway.
+        _fusermount(mountpoint, lazy=True)
+        raise MountError(
+            f"the medfs daemon for {mountpoint} had died; the dead mount was removed",
+            hint="files not closed before the daemon died were not saved; mount again",
+        )
+    _fusermount(mountpoint, lazy=False)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise MountError(f"the medfs daemon (pid {pid}) did not exit after unmounting")
+        time.sleep(0.05)
+    try:
+        report = json.loads(report_path(layout).read_text())
+    except (OSError, ValueError):
+        raise MountError(
+            f"the medfs daemon exited without a report; see {layout.log}",
+        ) from None
+    return [f"inode {p['inode']}: {p['error']}" for p in report.get("pending", [])]
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool) -> None:
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        reason = out.stderr.strip().removeprefix("fusermount3: ")
+        if "busy" in reason.lower():
+            raise MountError(
+                f"{mountpoint} is busy: files or directories in it are in use",
+                hint="close them (see 'fuser -vm MOUNTPOINT') and try again",
+            )
+        raise MountError(f"cannot unmount {mountpoint}: {reason}")

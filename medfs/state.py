@@ -1,0 +1,191 @@
+"""The state directory: which identity owns it, its manifest, and the one-mount-at-a-time lock.
+
+    <state>/config.json    which key file is the owner's (and its public identity)
+    <state>/owner.key/.pub the owner identity, when `medfs init` created it
+    <state>/manifest.db    the sidecar manifest (names encrypted under the manifest key)
+    <state>/ipfs/          the embedded Kubo node's repository
+    <state>/staging/       encrypted scratch space of the running mount
+    <state>/mount.lock     held by the running mount daemon; says its pid and mount point
+    <state>/mount.log      the background daemon's log
+
+The manifest key is random, wrapped for the owner's identity and kept in the manifest itself, so
+opening the manifest's names needs the owner's passphrase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from medfs import identity, recipients
+from medfs.errors import KeyFileError, UsageError
+from medfs.identity import Identity, PublicIdentity
+from medfs.manifest import Manifest, NameCipher
+
+CONFIG_VERSION = 1
+MANIFEST_KEY_ENTRY = b"medfs manifest key"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.db"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "mount.lock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "mount.log"
+
+
+def _not_initialised(root: Path) -> UsageError:
+    return UsageError(
+        f"{root} is not an initialised medfs state directory",
+        hint="run 'medfs init' first (or pass --state / set MEDFS_STATE)",
+    )
+
+
+def read_config(layout: Layout) -> dict[str, object]:
+    try:
+        config = json.loads(layout.config.read_text())
+    except FileNotFoundError:
+        raise _not_initialised(layout.root) from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read {layout.config}: {err}") from None
+    if not isinstance(config, dict) or config.get("version") != CONFIG_VERSION:
+        raise UsageError(f"{layout.config} is not a medfs {CONFIG_VERSION} configuration")
+    return config
+
+
+def key_path(layout: Layout) -> Path:
+    return Path(str(read_config(layout)["key"]))
+
+
+def owner_public(layout: Layout) -> PublicIdentity:
+    return PublicIdentity.from_text(str(read_config(layout)["public"]))
+
+
+def _manifest_context(manifest_id: bytes) -> bytes:
+    return recipients.entry_context(MANIFEST_KEY_ENTRY, manifest_id)
+
+
+def init(layout: Layout, passphrase: str, *, key: Path | None = None) -> Identity:
+    """Create the state directory bound to `key` (or a new identity created in it)."""
+    if layout.config.exists():
+        raise UsageError(
+            f"{layout.root} is already initialised",
+            hint="use another --state directory to start afresh",
+        )
+    layout.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if key is None:
+        owner = Identity.generate()
+        key, _ = identity.write_identity_files(layout.root / "owner", owner, passphrase)
+    else:
+        owner = identity.read_key_file(key, passphrase)
+    key = key.absolute()
+    manifest_key = os.urandom(32)
+    manifest_id = os.urandom(16)
+    stanza = recipients.wrap(manifest_key, owner.public.recipient(), _manifest_context(manifest_id))
+    manifest = Manifest.initialize(
+        layout.manifest,
+        owner=owner.fingerprint,
+        wrapped_key=stanza.to_bytes(),
+        names=NameCipher(manifest_key),
+        uid=os.getuid(),
+        gid=os.getgid(),
+        now_ns=time.time_ns(),
+        root_mode=0o755,
+    )
+    manifest.set_meta("manifest_id", manifest_id)
+    manifest.close()
+    config = {"version": CONFIG_VERSION, "key": str(key), "public": owner.public.to_text()}
+    tmp = layout.config.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(layout.config)  # the config appears last: a half-made state is not "initialised"
+    return owner
+
+
+def unlock(layout: Layout, passphrase: str) -> tuple[Identity, Manifest]:
+    """Load the owner's identity and open the manifest with its names readable."""
+    config = read_config(layout)
+    owner = identity.read_key_file(Path(str(config["key"])), passphrase)
+    if not layout.manifest.exists():
+        raise UsageError(f"the manifest {layout.manifest} is missing")
+    manifest = Manifest.open(layout.manifest)
+    if manifest.owner != owner.fingerprint:
+        manifest.close()
+        raise KeyFileError(
+            f"{config['key']} is identity {owner.fingerprint}, but this state directory"
+            f" belongs to {manifest.owner}"
+        )
+    manifest_id = manifest.get_meta("manifest_id") or b""
+    stanza = recipients.Stanza.from_bytes(manifest.wrapped_key)
+    manifest.unlock(NameCipher(owner.unwrap(stanza, _manifest_context(manifest_id))))
+    return owner, manifest
+
+
+class MountLock:
+    """One mount per state directory: an flock held for the daemon's lifetime."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._fh: IO[str] | None = None
+
+    def acquire(self, mountpoint: Path) -> None:
+        fh = open(self.layout.lock, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UsageError(
+                f"{self.layout.root} is already mounted ({holder})",
+                hint="unmount it first with 'medfs umount MOUNTPOINT'",
+            ) from None
+        fh.truncate(0)
+        fh.write(json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint)}) + "\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.truncate(0)
+            self._fh.close()
+            self._fh = None
+
+
+def holder(layout: Layout) -> dict[str, object] | None:
+    """The running mount daemon of this state directory, if any (pid, mountpoint)."""
+    try:
+        with open(layout.lock) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = fh.read().strip()
+                info = json.loads(text) if text else {}
+                return info if isinstance(info, dict) else {}
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return None
+    except FileNotFoundError:
+        return None
