@@ -36,7 +36,7 @@ from medfs.content import (
     Version,
 )
 from medfs.errors import FormatError, IPFSError, MedfsError
-from medfs.identity import Identity
+from medfs.identity import Identity, PublicIdentity
 from medfs.manifest import Inode, Manifest
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,6 @@ def _op(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, A
 
 def _fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
-
-
-def entry_id(ino: int) -> bytes:
-    """What a wrapped content key is bound to besides its object: the file it belongs to."""
-    return f"medfs inode {ino}".encode()
 
 
 @dataclass
@@ -229,7 +224,7 @@ class Filesystem(pyfuse3.Operations):
         if stanza_bytes is None:
             raise ContentError(f"inode {inode.ino}: no key wrapped for this identity", errno.EACCES)
         stanza = recipients.Stanza.from_bytes(stanza_bytes)
-        key = self.owner.unwrap(stanza, recipients.entry_context(entry_id(inode.ino), inode.salt))
+        key = self.owner.unwrap(stanza, recipients.entry_context(inode.entry_id, inode.salt))
         version = Version(inode.cid, key, inode.salt, inode.size)
         self._versions[inode.ino] = version
         return version
@@ -242,10 +237,19 @@ class Filesystem(pyfuse3.Operations):
             self._drafts[inode.ino] = draft
         return draft
 
-    def _wrap_all(self, ino: int, key: bytes, salt: bytes) -> dict[str, bytes]:
-        context = recipients.entry_context(entry_id(ino), salt)
-        recipient_list = [self.owner.public.recipient()]
-        return {r.fingerprint: recipients.wrap(key, r, context).to_bytes() for r in recipient_list}
+    def _recipients(self, ino: int) -> list[recipients.Recipient]:
+        """The owner, and everyone a grant on this file or a directory above it names."""
+        found = [self.owner.public.recipient()]
+        for public in self.manifest.grantees(ino).values():
+            found.append(PublicIdentity.from_text(public.decode()).recipient())
+        return found
+
+    @staticmethod
+    def _wrap_all(
+        to: list[recipients.Recipient], entry_id: bytes, key: bytes, salt: bytes
+    ) -> dict[str, bytes]:
+        context = recipients.entry_context(entry_id, salt)
+        return {r.fingerprint: recipients.wrap(key, r, context).to_bytes() for r in to}
 
     async def _commit(self, ino: int) -> None:
         draft = self._drafts.get(ino)
@@ -255,7 +259,11 @@ class Filesystem(pyfuse3.Operations):
         if result is None:
             return
         uploaded, key = result
-        wraps = await trio.to_thread.run_sync(self._wrap_all, ino, key, uploaded.salt)
+        inode = self._inode(ino)
+        to = self._recipients(ino)  # the manifest is read on this thread only
+        wraps = await trio.to_thread.run_sync(
+            self._wrap_all, to, inode.entry_id, key, uploaded.salt
+        )
         now = time.time_ns()
         old = self.manifest.commit_version(
             ino,

@@ -44,6 +44,7 @@ from medfs.errors import FormatError, MedfsError
 SCHEMA_VERSION = 1
 # PRAGMA application_id "MEDF": lets `file(1)` and `open` tell a manifest from any other database.
 APPLICATION_ID = 0x4D454446
+ENTRY_ID_SIZE = 16
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE (pyfuse3 itself stays fenced in the filesystem layer)
 MANIFEST_KEY_SIZE = 32
 NAMES_INFO = b"medfs v1 manifest names"
@@ -77,6 +78,9 @@ _SCHEMA = (
         version_ns INTEGER,
         format INTEGER,
         target BLOB,
+        -- What wrapped keys are bound to (with the object's salt): random, so that it can travel
+        -- in a share manifest and mean the same entry on the recipient's side.
+        entry_id BLOB NOT NULL UNIQUE CHECK (length(entry_id) = 16),
         CHECK ((kind = 'symlink') = (target IS NOT NULL)),
         CHECK (kind = 'file' OR cid IS NULL),
         CHECK ((cid IS NULL) = (salt IS NULL)),
@@ -99,7 +103,21 @@ _SCHEMA = (
         stanza BLOB NOT NULL,
         PRIMARY KEY (ino, fingerprint)
     ) STRICT, WITHOUT ROWID""",
+    # A grant on a directory covers everything below it, now and later.
+    """CREATE TABLE grants (
+        ino INTEGER NOT NULL REFERENCES inodes (ino),
+        fingerprint TEXT NOT NULL,
+        public BLOB NOT NULL,
+        created_ns INTEGER NOT NULL,
+        PRIMARY KEY (ino, fingerprint)
+    ) STRICT, WITHOUT ROWID""",
+    # The last share-manifest sequence number issued to each recipient: it only grows.
+    "CREATE TABLE share_sequence (fingerprint TEXT PRIMARY KEY, last INTEGER NOT NULL) STRICT",
 )
+
+
+def new_entry_id() -> bytes:
+    return os.urandom(ENTRY_ID_SIZE)
 
 
 def new_manifest_key() -> bytes:
@@ -182,6 +200,7 @@ class Inode:
     salt: bytes | None
     version_ns: int | None
     format: int | None
+    entry_id: bytes
 
     @property
     def st_mode(self) -> int:
@@ -204,6 +223,13 @@ _ORPHANS = (
     f"SELECT {_INODE} FROM inodes i LEFT JOIN dirents d ON d.ino = i.ino"  # noqa: S608
     " WHERE d.id IS NULL AND i.ino != 1 ORDER BY i.ino"
 )
+
+
+ANY_CID = object()
+
+
+class VersionConflict(Exception):
+    """A compare-and-swap commit found another version in place."""
 
 
 class Stats(NamedTuple):
@@ -340,8 +366,8 @@ class Manifest:
                     db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
                     db.execute(
                         "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns,"
-                        " ctime_ns) VALUES (?, 'dir', ?, ?, ?, ?, ?, ?)",
-                        (ROOT_INODE, root_mode, uid, gid, now_ns, now_ns, now_ns),
+                        " ctime_ns, entry_id) VALUES (?, 'dir', ?, ?, ?, ?, ?, ?, ?)",
+                        (ROOT_INODE, root_mode, uid, gid, now_ns, now_ns, now_ns, new_entry_id()),
                     )
             except BaseException:
                 manifest.close()
@@ -606,8 +632,12 @@ class Manifest:
         gid: int,
         now_ns: int,
         target: bytes | None = None,
+        entry_id: bytes | None = None,
     ) -> Inode:
         """A new inode linked as `name` in `parent`; the parent's mtime and ctime become now_ns.
+
+        `entry_id` is new and random unless given (a recipient importing a share keeps the
+        issuer's, since the wraps it received are bound to it).
 
         `target` is required for a symlink and refused otherwise. FileExistsError if the name is
         taken; FileNotFoundError if `parent` is missing or unlinked; NotADirectoryError.
@@ -627,7 +657,7 @@ class Manifest:
                 raise _oserror(errno.EEXIST, f"the name is taken in directory {parent}")
             ino = db.execute(
                 "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns,"
-                " target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " target, entry_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     kind.value,
                     mode,
@@ -639,6 +669,7 @@ class Manifest:
                     now_ns,
                     # The sealed target is bound to the inode number, known only after the insert.
                     None if target is None else b"",
+                    new_entry_id() if entry_id is None else bytes(entry_id),
                 ),
             ).lastrowid
             assert ino is not None
@@ -785,8 +816,12 @@ class Manifest:
         mtime_ns: int,
         version_ns: int,
         wraps: Mapping[str, bytes],
+        expected_cid: str | object | None = ANY_CID,
     ) -> str | None:
         """Make an uploaded object the file's current version, in one transaction.
+
+        With `expected_cid`, the commit happens only if the current CID is still that one (a
+        re-encryption racing a newer write must not undo it): VersionConflict otherwise.
 
         Replaces cid, salt, size, format, mtime_ns, version_ns and every wrap (ctime moves up to
         at least mtime_ns). Returns the previous CID for the caller to unpin, or None if there
@@ -802,6 +837,8 @@ class Manifest:
             if inode.kind is not Kind.FILE:
                 code = errno.EISDIR if inode.kind is Kind.DIR else errno.EINVAL
                 raise _oserror(code, f"inode {ino} is not a regular file")
+            if expected_cid is not ANY_CID and inode.cid != expected_cid:
+                raise VersionConflict(f"inode {ino} has a newer version")
             db.execute(
                 "UPDATE inodes SET cid = ?, salt = ?, size = ?, format = ?, mtime_ns = ?,"
                 " ctime_ns = max(ctime_ns, ?), version_ns = ? WHERE ino = ?",
@@ -831,6 +868,50 @@ class Manifest:
             if len(current) == 1:
                 raise ValueError(f"the last wrap of inode {ino} cannot be removed")
             db.execute("DELETE FROM wraps WHERE ino = ? AND fingerprint = ?", (ino, fingerprint))
+
+    # -- grants ----------------------------------------------------------------------------
+
+    def add_grant(self, ino: int, fingerprint: str, public: bytes, *, now_ns: int) -> None:
+        """Let `fingerprint` (whose public identity file is `public`) read `ino` and below."""
+        with self._write() as db:
+            self._need(ino)
+            db.execute(
+                "INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?)",
+                (ino, fingerprint, bytes(public), now_ns),
+            )
+
+    def remove_grant(self, ino: int, fingerprint: str) -> bool:
+        with self._write() as db:
+            cur = db.execute(
+                "DELETE FROM grants WHERE ino = ? AND fingerprint = ?", (ino, fingerprint)
+            )
+            return cur.rowcount > 0
+
+    def grants(self) -> list[tuple[int, str, bytes, int]]:
+        """Every grant: (inode, fingerprint, public identity, created_ns)."""
+        rows = self._conn.execute("SELECT ino, fingerprint, public, created_ns FROM grants")
+        return [(ino, fpr, bytes(public), created) for ino, fpr, public, created in rows]
+
+    def grantees(self, ino: int) -> dict[str, bytes]:
+        """Who may read `ino`: the grants on it and on every directory above it."""
+        out: dict[str, bytes] = {}
+        chain = [ino] + [parent for _, parent, _ in self._ancestry(ino)]
+        for current in chain:
+            for fpr, public in self._conn.execute(
+                "SELECT fingerprint, public FROM grants WHERE ino = ?", (current,)
+            ):
+                out.setdefault(fpr, bytes(public))
+        return out
+
+    def next_sequence(self, fingerprint: str) -> int:
+        """The next share-manifest sequence number for a recipient (1, 2, ...), recorded."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT last FROM share_sequence WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            value = (row[0] if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO share_sequence VALUES (?, ?)", (fingerprint, value))
+            return value
 
     # -- helpers ---------------------------------------------------------------------------
 

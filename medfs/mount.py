@@ -80,7 +80,8 @@ def serve(
     lock.acquire(options.mountpoint)
     with contextlib.ExitStack() as stack:
         stack.callback(lock.release)
-        owner, manifest = state.unlock(layout, passphrase)
+        session = state.unlock(layout, passphrase)
+        owner, manifest = session.owner, session.manifest
         stack.callback(manifest.close)
         ipfs = IPFS(options.api)
         stack.callback(ipfs.close)

@@ -124,7 +124,16 @@ def init(layout: Layout, passphrase: str, *, key: Path | None = None) -> Identit
     return owner
 
 
-def unlock(layout: Layout, passphrase: str) -> tuple[Identity, Manifest]:
+@dataclass
+class Session:
+    """An unlocked state directory. `manifest_key` also keys the audit log: memory only."""
+
+    owner: Identity
+    manifest: Manifest
+    manifest_key: bytes
+
+
+def unlock(layout: Layout, passphrase: str) -> Session:
     """Load the owner's identity and open the manifest with its names readable."""
     config = read_config(layout)
     owner = identity.read_key_file(Path(str(config["key"])), passphrase)
@@ -139,8 +148,9 @@ def unlock(layout: Layout, passphrase: str) -> tuple[Identity, Manifest]:
         )
     manifest_id = manifest.get_meta("manifest_id") or b""
     stanza = recipients.Stanza.from_bytes(manifest.wrapped_key)
-    manifest.unlock(NameCipher(owner.unwrap(stanza, _manifest_context(manifest_id))))
-    return owner, manifest
+    manifest_key = owner.unwrap(stanza, _manifest_context(manifest_id))
+    manifest.unlock(NameCipher(manifest_key))
+    return Session(owner, manifest, manifest_key)
 
 
 class MountLock:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from medfs import manifest as mf
 from medfs.errors import FormatError, MedfsError
-from medfs.manifest import ROOT_INODE, Inode, Kind, Manifest, NameCipher
+from medfs.manifest import ROOT_INODE, Inode, Kind, Manifest, NameCipher, VersionConflict
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -135,8 +135,10 @@ def test_initialize_makes_a_private_unlocked_manifest_with_a_root(db_path):
     with m:
         root = m.get(ROOT_INODE)
         assert root == Inode(
-            ROOT_INODE, Kind.DIR, 0o700, UID, GID, 0, T0, T0, T0, None, None, None, None
-        )
+            ROOT_INODE, Kind.DIR, 0o700, UID, GID, 0, T0, T0, T0, None, None, None, None,
+            root.entry_id,
+        )  # fmt: skip
+        assert len(root.entry_id) == 16
         assert root.st_mode == stat.S_IFDIR | 0o700
         assert m.parent_of(ROOT_INODE) is None
         assert m.path_of(ROOT_INODE) == b"/"
@@ -269,7 +271,9 @@ def test_create_lookup_children_round_trip(m):
     d = mkdir(m, ROOT_INODE, b"scans", now=T0 + 10)
     f = mkfile(m, d.ino, b"mri.dcm", now=T0 + 20)
     s = m.create(d.ino, b"latest", Kind.SYMLINK, 0o777, UID, GID, T0 + 30, target=b"mri.dcm")
-    assert f == Inode(f.ino, Kind.FILE, 0o644, UID, GID, 0, *(T0 + 20,) * 3, None, None, None, None)
+    assert f == Inode(
+        f.ino, Kind.FILE, 0o644, UID, GID, 0, *(T0 + 20,) * 3, None, None, None, None, f.entry_id
+    )
     assert (s.kind, s.size, s.st_mode) == (Kind.SYMLINK, 7, stat.S_IFLNK | 0o777)
     assert m.readlink(s.ino) == b"mri.dcm"
     assert m.lookup(ROOT_INODE, b"scans") == m.get(d.ino)
@@ -851,3 +855,50 @@ def test_schema_enforces_its_invariants(m, db_path):
     db.close()
     with reopen(db_path) as again:
         assert again.get(f.ino) == f
+
+
+def test_entry_ids_are_random_unique_and_can_be_given(tmp_path: Path) -> None:
+    with new_manifest(tmp_path / "m.db") as m:
+        a = mkfile(m, ROOT_INODE, b"a")
+        b = mkfile(m, ROOT_INODE, b"b")
+        assert len({a.entry_id, b.entry_id, m.get(ROOT_INODE).entry_id}) == 3  # type: ignore[union-attr]
+        given = bytes(range(16))
+        c = m.create(ROOT_INODE, b"c", "file", 0o644, UID, GID, T0, entry_id=given)
+        assert c.entry_id == given
+        with pytest.raises(sqlite3.IntegrityError):  # an entry id names one entry only
+            m.create(ROOT_INODE, b"d", "file", 0o644, UID, GID, T0, entry_id=given)
+
+
+def test_grants_cover_everything_below_and_sequences_only_grow(tmp_path: Path) -> None:
+    with new_manifest(tmp_path / "m.db") as m:
+        d = m.create(ROOT_INODE, b"d", "dir", 0o755, UID, GID, T0)
+        sub = m.create(d.ino, b"sub", "dir", 0o755, UID, GID, T0)
+        f = mkfile(m, sub.ino, b"f")
+        other = mkfile(m, ROOT_INODE, b"other")
+        m.add_grant(d.ino, "bob", b"bob-public", now_ns=T0)
+        m.add_grant(f.ino, "carol", b"carol-public", now_ns=T0)
+        assert m.grantees(f.ino) == {"bob": b"bob-public", "carol": b"carol-public"}
+        assert m.grantees(sub.ino) == {"bob": b"bob-public"}
+        assert m.grantees(other.ino) == {}
+        assert m.remove_grant(d.ino, "bob") and not m.remove_grant(d.ino, "bob")
+        assert m.grantees(f.ino) == {"carol": b"carol-public"}
+        assert [m.next_sequence("bob") for _ in range(3)] == [1, 2, 3]
+        assert m.next_sequence("carol") == 1
+
+
+def test_commit_version_compare_and_swap(tmp_path: Path) -> None:
+    with new_manifest(tmp_path / "m.db") as m:
+        f = mkfile(m, ROOT_INODE, b"f")
+        common = {"salt": b"s" * 32, "size": 1, "format": 1, "mtime_ns": T0, "version_ns": T0}
+        m.commit_version(f.ino, cid="bafyone", wraps={"o": b"w"}, **common)  # type: ignore[arg-type]
+        with pytest.raises(VersionConflict):
+            m.commit_version(
+                f.ino,
+                cid="bafytwo",
+                wraps={"o": b"w"},
+                expected_cid="bafyzero",
+                **common,  # type: ignore[arg-type]
+            )
+        assert m.get(f.ino).cid == "bafyone"  # type: ignore[union-attr]
+        m.commit_version(f.ino, cid="bafytwo", wraps={"o": b"w"}, expected_cid="bafyone", **common)  # type: ignore[arg-type]
+        assert m.get(f.ino).cid == "bafytwo"  # type: ignore[union-attr]

@@ -83,7 +83,7 @@ def _rows(args: argparse.Namespace, listing: bool) -> list[dict[str, Any]]:
         return _rows(argparse.Namespace(**{**vars(args), "path": holder["mountpoint"]}), listing)
     state.read_config(layout)
     passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
-    _owner, manifest = state.unlock(layout, passphrase)
+    manifest = state.unlock(layout, passphrase).manifest
     try:
         wanted = str(args.path or "/")
         inode = manifest.resolve(wanted)
