@@ -59,3 +59,15 @@ class NotForIdentityError(MedfsError):
     """A wrapped key is addressed to another identity (distinct from a corrupt one)."""
 
     exit_code = 8
+
+
+class SignatureError(FormatError):
+    """A signed document (a share manifest) is not signed by the key the caller trusts."""
+
+    exit_code = 11
+
+
+class AuditError(MedfsError):
+    """The audit log is damaged, fails verification, or cannot be written."""
+
+    exit_code = 12

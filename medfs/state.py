@@ -84,7 +84,7 @@ def owner_public(layout: Layout) -> PublicIdentity:
     return PublicIdentity.from_text(str(read_config(layout)["public"]))
 
 
-def _manifest_context(manifest_id: bytes) -> bytes:
+def manifest_context(manifest_id: bytes) -> bytes:
     return recipients.entry_context(MANIFEST_KEY_ENTRY, manifest_id)
 
 
@@ -104,7 +104,7 @@ def init(layout: Layout, passphrase: str, *, key: Path | None = None) -> Identit
     key = key.absolute()
     manifest_key = os.urandom(32)
     manifest_id = os.urandom(16)
-    stanza = recipients.wrap(manifest_key, owner.public.recipient(), _manifest_context(manifest_id))
+    stanza = recipients.wrap(manifest_key, owner.public.recipient(), manifest_context(manifest_id))
     manifest = Manifest.initialize(
         layout.manifest,
         owner=owner.fingerprint,
@@ -148,7 +148,7 @@ def unlock(layout: Layout, passphrase: str) -> Session:
         )
     manifest_id = manifest.get_meta("manifest_id") or b""
     stanza = recipients.Stanza.from_bytes(manifest.wrapped_key)
-    manifest_key = owner.unwrap(stanza, _manifest_context(manifest_id))
+    manifest_key = owner.unwrap(stanza, manifest_context(manifest_id))
     manifest.unlock(NameCipher(manifest_key))
     return Session(owner, manifest, manifest_key)
 

@@ -19,8 +19,8 @@ LAYERS: list[set[str]] = [
     {"format", "kubo"},
     {"recipients", "content"},
     {"identity"},
-    {"state", "fs"},
-    {"mount"},
+    {"state", "fs", "sharing", "audit"},
+    {"mount", "access"},
     {"cli"},
 ]
 FENCED = {"ipfshttpclient": {"ipfs"}, "pyfuse3": {"fs", "mount"}}

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medfs import __version__
-from medfs.cli import inspect, keys, mount, node
+from medfs.cli import inspect, keys, mount, node, share
 from medfs.errors import MedfsError
 
 # Each command module offers `register(subparsers, common)`; its parsers set `func`.
-COMMAND_MODULES: tuple[ModuleType, ...] = (keys, mount, inspect, node)
+COMMAND_MODULES: tuple[ModuleType, ...] = (keys, mount, share, inspect, node)
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -68,4 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("medfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`medfs ls | head`): stop quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
     return code

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medfs import identity, mount, state
+from medfs import access, identity, mount, state
 from medfs.errors import MedfsError, UsageError
+from medfs.ipfs import IPFS
 from medfs.kubo import resolve_api
 from medfs.paths import state_dir
 
@@ -33,6 +34,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="mount options: ro, allow_other (repeat or separate with commas)",
     )  # fmt: skip
     mnt.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    mnt.add_argument(
+        "--manifest", metavar="FILE|CID", help="mount what someone shared with you (read-only)"
+    )
+    mnt.add_argument("--from", dest="issuer", metavar="ISSUER.pub", help="who shared it")
+    mnt.add_argument("--key", metavar="NAME.key", help="your identity (default: the state's)")
+    mnt.add_argument(
+        "--peer", action="append", default=[], metavar="MULTIADDR",
+        help="connect to this node first (to fetch a manifest given by CID)",
+    )  # fmt: skip
     # Internal: the background daemon reports readiness on this fd and reads the passphrase
     # from stdin.
     mnt.add_argument("--daemon-ready-fd", type=int, help=argparse.SUPPRESS)
@@ -71,6 +81,53 @@ def _mount_options(raw: list[str]) -> set[str]:
     return options
 
 
+def _accept_share(
+    args: argparse.Namespace, layout: state.Layout, passphrase: str, api: str
+) -> state.Layout:
+    """Check the share manifest and prepare its read-only view; return the view's layout."""
+    if not args.issuer:
+        raise UsageError(
+            "--manifest needs --from ISSUER.pub: the key the manifest must be signed with"
+        )
+    key = Path(args.key) if args.key else state.key_path(layout)
+    recipient = identity.read_key_file(key, passphrase)
+    issuer = identity.read_public_file(args.issuer)
+    ipfs = IPFS(api)
+    try:
+        for peer in args.peer:
+            ipfs.swarm_connect(peer)
+        source = Path(args.manifest)
+        if source.is_file():
+            data = source.read_bytes()
+        elif args.manifest.startswith(("bafy", "bafk", "Qm")):
+            data = ipfs.cat(args.manifest)
+        else:
+            raise UsageError(f"{args.manifest}: no such file, and not a CID")
+        sub, share = access.accept(layout, data, recipient, key, issuer)
+        reached = 0
+        for provider in share.providers:
+            for address in provider.addresses:
+                try:
+                    ipfs.swarm_connect(address)
+                    reached += 1
+                    break
+                except MedfsError:
+                    continue
+        if share.providers and not reached:
+            print(
+                "medfs: warning: could not connect to the issuer's node; files can be read only"
+                " if this node finds their blocks another way",
+                file=sys.stderr,
+            )
+        print(
+            f"share #{share.sequence} from {issuer.fingerprint}: {len(share.entries)} entries",
+            file=sys.stderr,
+        )
+        return sub
+    finally:
+        ipfs.close()
+
+
 def run_mount(args: argparse.Namespace) -> int:
     if args.daemon_ready_fd is not None:
         return _run_daemon(args)
@@ -78,6 +135,15 @@ def run_mount(args: argparse.Namespace) -> int:
     state.read_config(layout)
     options = _mount_options(args.options)
     mountpoint = mount.check_mountpoint(Path(args.mountpoint))
+    if args.manifest:
+        options.add("ro")
+        passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+        api = resolve_api(layout.root, args.api)
+        layout = _accept_share(args, layout, passphrase, api)
+        mount_options = mount.MountOptions(
+            mountpoint=mountpoint, api=api, read_only=True, allow_other="allow_other" in options
+        )
+        return _start(args, layout, mount_options, passphrase)
     holder = state.holder(layout)
     if holder:
         raise mount.MountError(
@@ -92,6 +158,16 @@ def run_mount(args: argparse.Namespace) -> int:
         read_only="ro" in options,
         allow_other="allow_other" in options,
     )
+    return _start(args, layout, mount_options, passphrase)
+
+
+def _start(
+    args: argparse.Namespace,
+    layout: state.Layout,
+    mount_options: mount.MountOptions,
+    passphrase: str,
+) -> int:
+    mountpoint = mount_options.mountpoint
     if args.foreground:
         logging.getLogger().setLevel(logging.INFO)
         pending = mount.serve(

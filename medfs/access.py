@@ -1,0 +1,401 @@
+"""Who can read what: granting, revoking, and receiving shares.
+
+The issuer's side: `share` records a grant on a file or directory, wraps the current content
+key of everything below it for the recipient (no re-encryption, no re-upload) and writes a
+signed share manifest of everything that recipient is granted. The filesystem wraps every later
+version for every grantee. `revoke` removes a grant and re-encrypts what the recipient could
+read under fresh keys, so that no new version opens with the revoked key.
+
+The recipient's side: `accept` checks a share manifest (signature, addressee, sequence) and
+turns it into a local, read-only manifest that the ordinary filesystem serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from medfs import format, layout, recipients, sharing, state
+from medfs.errors import MedfsError, UsageError
+from medfs.identity import Identity, PublicIdentity
+from medfs.ipfs import IPFS
+from medfs.manifest import Inode, Kind, Manifest, NameCipher, VersionConflict
+
+# Revocation re-encrypts in pieces of this size: memory stays bounded whatever the file size.
+REENCRYPT_CHUNK = 4 << 20
+
+Progress = Callable[[int], None]
+
+
+class RollbackError(MedfsError):
+    """A share manifest older than one already accepted from the same issuer."""
+
+    exit_code = 13
+
+
+# -- issuer side ---------------------------------------------------------------------------------
+
+
+def manifest_path(path: str, mountpoint: str | None) -> str:
+    """A user's PATH as a path in the manifest: inside the running mount, or as given."""
+    if mountpoint:
+        absolute = str(Path(path).absolute())
+        if absolute == mountpoint or absolute.startswith(mountpoint.rstrip("/") + "/"):
+            return "/" + absolute[len(mountpoint) :].strip("/")
+    return path
+
+
+def _resolve(manifest: Manifest, path: str) -> Inode:
+    inode = manifest.resolve(path)
+    if inode is None:
+        raise UsageError(f"{path}: no such file or directory in medfs")
+    return inode
+
+
+def _content_key(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
+    assert inode.salt is not None
+    stanza = recipients.Stanza.from_bytes(manifest.wraps(inode.ino)[owner.fingerprint])
+    return owner.unwrap(stanza, recipients.entry_context(inode.entry_id, inode.salt))
+
+
+def _subtree(manifest: Manifest, top: Inode) -> Iterator[tuple[str, Inode]]:
+    """(path relative to `top`, inode) for `top` ("") and everything below it."""
+    base = manifest.path_of(top.ino) or b"/"
+    for path, inode in manifest.walk(top.ino):
+        yield os.fsdecode(path[len(base) :]).strip("/"), inode
+
+
+def grant(
+    session: state.Session, paths: list[str], to: PublicIdentity, *, now_ns: int | None = None
+) -> int:
+    """Grant `to` every path; wrap the current versions for them. Returns files wrapped."""
+    manifest, owner = session.manifest, session.owner
+    if to.fingerprint == owner.fingerprint:
+        raise UsageError("that is the owner's own identity: it can read everything already")
+    tops = [_resolve(manifest, p) for p in paths]
+    now = now_ns or time.time_ns()
+    public = to.to_text().encode()
+    recipient = to.recipient()
+    wrapped = 0
+    for top in tops:
+        manifest.add_grant(top.ino, to.fingerprint, public, now_ns=now)
+        for _rel, inode in _subtree(manifest, top):
+            if inode.kind != Kind.FILE or inode.cid is None or inode.salt is None:
+                continue
+            key = _content_key(owner, manifest, inode)
+            context = recipients.entry_context(inode.entry_id, inode.salt)
+            manifest.add_wrap(
+                inode.ino, to.fingerprint, recipients.wrap(key, recipient, context).to_bytes()
+            )
+            wrapped += 1
+    return wrapped
+
+
+def _name_of(manifest: Manifest, inode: Inode) -> str:
+    path = manifest.path_of(inode.ino)
+    name = os.fsdecode(path or b"").rstrip("/").rpartition("/")[2]
+    return name or "root"
+
+
+def build_share(
+    session: state.Session,
+    fingerprint: str,
+    providers: tuple[sharing.Provider, ...],
+    *,
+    now_ns: int | None = None,
+) -> sharing.ShareManifest:
+    """The share manifest of everything granted to `fingerprint`, at the next sequence."""
+    manifest = session.manifest
+    tops = [manifest.get(ino) for ino, fpr, _pub, _t in manifest.grants() if fpr == fingerprint]
+    entries: dict[str, sharing.SharedEntry] = {}
+    for top in tops:
+        if top is None or manifest.path_of(top.ino) is None:
+            continue  # a granted file that was deleted since
+        base = _name_of(manifest, top)
+        if base in entries:
+            raise UsageError(
+                f"two shared items are both called {base!r}",
+                hint="share their parent directory, or rename one",
+            )
+        for rel, inode in _subtree(manifest, top):
+            path = f"{base}/{rel}" if rel else base
+            entry = _entry(manifest, path, inode, fingerprint)
+            if entry is not None:
+                entries[path] = entry
+    if not entries:
+        raise UsageError("nothing is shared with that recipient")
+    return sharing.ShareManifest(
+        issuer=session.owner.public,
+        recipient=fingerprint,
+        sequence=manifest.next_sequence(fingerprint),
+        created_ns=now_ns or time.time_ns(),
+        name="",
+        providers=providers,
+        entries=tuple(entries[p] for p in sorted(entries)),
+    )
+
+
+def _entry(manifest: Manifest, path: str, inode: Inode, fpr: str) -> sharing.SharedEntry | None:
+    if inode.kind == Kind.DIR:
+        kind, size, target, cid, salt, stanza = "dir", 0, None, None, None, None
+    elif inode.kind == Kind.SYMLINK:
+        target = manifest.readlink(inode.ino)
+        kind, size, cid, salt, stanza = "symlink", len(target), None, None, None
+    else:
+        stanza = manifest.wraps(inode.ino).get(fpr)
+        if inode.cid is None or inode.salt is None or stanza is None:
+            return None  # not uploaded yet: the next manifest will carry it
+        kind, size, target, cid, salt = "file", inode.size, None, inode.cid, inode.salt
+    return sharing.SharedEntry(
+        path=path,
+        kind=kind,
+        mode=inode.mode,
+        mtime_ns=inode.mtime_ns,
+        size=size,
+        entry_id=inode.entry_id,
+        cid=cid,
+        salt=salt,
+        stanza=stanza,
+        target=target,
+    )
+
+
+def providers_of(ipfs: IPFS) -> tuple[sharing.Provider, ...]:
+    node = ipfs.id()
+    addresses = tuple(a if "/p2p/" in a else f"{a}/p2p/{node.peer_id}" for a in node.addresses[:16])
+    return (sharing.Provider(node.peer_id, addresses),)
+
+
+def grants_of(session: state.Session) -> dict[str, list[tuple[str, str]]]:
+    """fingerprint -> [(path, public identity text)] of every grant."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ino, fpr, public, _created in session.manifest.grants():
+        path = session.manifest.path_of(ino)
+        if path is not None:
+            out.setdefault(fpr, []).append((os.fsdecode(path), public.decode()))
+    return out
+
+
+@dataclass(frozen=True)
+class Reencrypted:
+    path: str
+    old_cid: str
+    new_cid: str
+    size: int
+
+
+def revoke(
+    session: state.Session,
+    paths: list[str],
+    fingerprint: str,
+    ipfs: IPFS,
+    progress: Progress | None = None,
+) -> tuple[list[Reencrypted], set[str]]:
+    """Remove `fingerprint`'s grants on `paths`; re-encrypt every file it could open there.
+
+    Returns the re-encrypted files and the remaining recipients who need a fresh manifest.
+    """
+    manifest = session.manifest
+    tops = [_resolve(manifest, p) for p in paths]
+    for path, top in zip(paths, tops, strict=True):
+        if not manifest.remove_grant(top.ino, fingerprint):
+            where = [
+                os.fsdecode(manifest.path_of(ino) or b"?")
+                for ino, fpr, _p, _t in manifest.grants()
+                if fpr == fingerprint
+            ]
+            raise UsageError(
+                f"{path} is not granted to {fingerprint}",
+                hint=f"its grants are on: {', '.join(where)}" if where else "it has no grants",
+            )
+    done: list[Reencrypted] = []
+    others: set[str] = set()
+    for top in tops:
+        for rel, inode in _subtree(manifest, top):
+            if inode.kind != Kind.FILE or inode.cid is None:
+                continue
+            if fingerprint in manifest.grantees(inode.ino):
+                continue  # still granted through another path
+            if fingerprint not in manifest.wraps(inode.ino):
+                continue
+            result = _reencrypt(session, inode, ipfs, progress)
+            if result is not None:
+                done.append(Reencrypted(rel or _name_of(manifest, top), *result))
+            others.update(manifest.grantees(inode.ino))
+    return done, others
+
+
+def _reencrypt(
+    session: state.Session, inode: Inode, ipfs: IPFS, progress: Progress | None
+) -> tuple[str, str, int] | None:
+    manifest, owner = session.manifest, session.owner
+    assert inode.cid is not None and inode.salt is not None
+    old_key = _content_key(owner, manifest, inode)
+    reader = format.ObjectReader(
+        old_key,
+        lambda offset, length: ipfs.cat(inode.cid or "", offset, length),
+        layout.ciphertext_size(inode.size),
+        header=format.Header(inode.salt),
+    )
+
+    def plaintext() -> Iterator[bytes]:
+        for offset in range(0, inode.size, REENCRYPT_CHUNK):
+            piece = reader.read(offset, REENCRYPT_CHUNK)
+            if progress is not None:
+                progress(len(piece))
+            yield piece
+
+    new_key = format.new_content_key()
+    encrypted = format.encrypt(new_key, plaintext())
+    header = next(encrypted)
+    salt = format.Header.parse(header).salt
+
+    def stream() -> Iterator[bytes]:
+        yield header
+        yield from encrypted
+
+    new_cid = ipfs.add(stream())
+    context = recipients.entry_context(inode.entry_id, salt)
+    to = [owner.public.recipient()] + [
+        PublicIdentity.from_text(public.decode()).recipient()
+        for public in manifest.grantees(inode.ino).values()
+    ]
+    wraps = {r.fingerprint: recipients.wrap(new_key, r, context).to_bytes() for r in to}
+    try:
+        manifest.commit_version(
+            inode.ino,
+            cid=new_cid,
+            salt=salt,
+            size=inode.size,
+            format=format.VERSION,
+            mtime_ns=inode.mtime_ns,
+            version_ns=time.time_ns(),
+            wraps=wraps,
+            expected_cid=inode.cid,
+        )
+    except VersionConflict:
+        # A newer version was written meanwhile, already wrapped only for current grantees.
+        with contextlib.suppress(MedfsError):
+            ipfs.unpin(new_cid)
+        return None
+    with contextlib.suppress(MedfsError):
+        ipfs.unpin(inode.cid)
+    return inode.cid, new_cid, inode.size
+
+
+# -- recipient side ----------------------------------------------------------------------------
+
+
+def share_layout(root: state.Layout, issuer: str) -> state.Layout:
+    """Where a share received from `issuer` is kept: its own small state directory."""
+    return state.Layout(root.root / "shares" / issuer)
+
+
+def _accepted_path(sub: state.Layout) -> Path:
+    return sub.root / "accepted.json"
+
+
+def last_accepted(sub: state.Layout) -> int:
+    try:
+        return int(json.loads(_accepted_path(sub).read_text())["sequence"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def accept(
+    root: state.Layout,
+    data: bytes,
+    recipient: Identity,
+    key_file: Path,
+    issuer: PublicIdentity,
+) -> tuple[state.Layout, sharing.ShareManifest]:
+    """Check a share manifest and make it the local view of what `issuer` shares with us."""
+    share = sharing.open_manifest(data, recipient, issuer)
+    sub = share_layout(root, issuer.fingerprint)
+    accepted = last_accepted(sub)
+    if share.sequence < accepted:
+        raise RollbackError(
+            f"this share manifest is number {share.sequence} from {issuer.fingerprint}, but"
+            f" number {accepted} was already accepted: an older manifest is never accepted again",
+            hint="ask the issuer for their latest share manifest",
+        )
+    if state.holder(sub):
+        raise MedfsError(
+            f"the share from {issuer.fingerprint} is mounted already",
+            hint="unmount it first; mounting the newer manifest then replaces the view",
+        )
+    sub.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fresh = sub.manifest.with_name("manifest.db.new")
+    for leftover in (fresh, *(fresh.with_name(fresh.name + s) for s in ("-wal", "-shm"))):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    view_key = os.urandom(32)
+    view_id = os.urandom(16)
+    wrapped = recipients.wrap(
+        view_key, recipient.public.recipient(), state.manifest_context(view_id)
+    )
+    view = Manifest.initialize(
+        fresh,
+        owner=recipient.fingerprint,
+        wrapped_key=wrapped.to_bytes(),
+        names=NameCipher(view_key),
+        uid=os.getuid(),
+        gid=os.getgid(),
+        now_ns=share.created_ns,
+        root_mode=0o555,
+    )
+    try:
+        view.set_meta("manifest_id", view_id)
+        view.set_meta("issuer", issuer.to_text().encode())
+        view.set_meta("sequence", str(share.sequence).encode())
+        _populate(view, share, recipient.fingerprint)
+    finally:
+        view.close()
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            sub.manifest.with_name(sub.manifest.name + suffix).unlink()
+    fresh.replace(sub.manifest)
+    config = {"version": state.CONFIG_VERSION, "key": str(key_file.absolute()),
+              "public": recipient.public.to_text()}  # fmt: skip
+    sub.config.write_text(json.dumps(config, indent=2) + "\n")
+    _accepted_path(sub).write_text(json.dumps({"sequence": share.sequence}) + "\n")
+    return sub, share
+
+
+def _populate(view: Manifest, share: sharing.ShareManifest, fingerprint: str) -> None:
+    inos = {"": 1}
+    uid, gid = os.getuid(), os.getgid()
+    for entry in share.entries:
+        parent_path, _, name = entry.path.rpartition("/")
+        parent = inos[parent_path]
+        # Read-only view: no write bits, whatever the issuer's modes.
+        mode = entry.mode & 0o7555
+        inode = view.create(
+            parent,
+            name.encode(),
+            entry.kind,
+            mode,
+            uid,
+            gid,
+            entry.mtime_ns,
+            target=entry.target,
+            entry_id=entry.entry_id,
+        )
+        inos[entry.path] = inode.ino
+        if entry.kind == "file":
+            assert entry.cid and entry.salt and entry.stanza
+            view.commit_version(
+                inode.ino,
+                cid=entry.cid,
+                salt=entry.salt,
+                size=entry.size,
+                format=format.VERSION,
+                mtime_ns=entry.mtime_ns,
+                version_ns=share.created_ns,
+                wraps={fingerprint: entry.stanza},
+            )

@@ -1,0 +1,178 @@
+"""`medfs share`, `medfs revoke`, `medfs grants`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from medfs import access, identity, sharing, state
+from medfs.errors import UsageError
+from medfs.ipfs import IPFS
+from medfs.kubo import resolve_api
+from medfs.paths import state_dir
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    share = sub.add_parser("share", parents=[common], help="let someone read files or folders")
+    share.add_argument("paths", nargs="+", metavar="PATH")
+    share.add_argument("--to", required=True, metavar="NAME.pub", help="the recipient")
+    _outputs(share)
+    share.set_defaults(func=run_share)
+
+    revoke = sub.add_parser("revoke", parents=[common], help="take access back (re-encrypts)")
+    revoke.add_argument("paths", nargs="+", metavar="PATH")
+    revoke.add_argument("--from", dest="from_", required=True, metavar="NAME.pub")
+    _outputs(revoke, directory=True)
+    revoke.set_defaults(func=run_revoke)
+
+    grants = sub.add_parser("grants", parents=[common], help="list who can read what")
+    grants.add_argument("path", nargs="?", metavar="PATH")
+    grants.add_argument("--json", action="store_true", help="print JSON")
+    grants.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    grants.set_defaults(func=run_grants)
+
+
+def _outputs(parser: argparse.ArgumentParser, *, directory: bool = False) -> None:
+    if directory:
+        parser.add_argument("--out", metavar="DIR", help="write fresh share manifests here")
+    else:
+        parser.add_argument("--out", metavar="FILE", help="write the share manifest here")
+    parser.add_argument("--publish", action="store_true", help="add it to IPFS, print its CID")
+    parser.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+
+
+def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
+    layout = state.Layout(state_dir(args.state))
+    state.read_config(layout)
+    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    return layout, state.unlock(layout, passphrase)
+
+
+def _mountpoint(layout: state.Layout) -> str | None:
+    holder = state.holder(layout)
+    return str(holder["mountpoint"]) if holder and holder.get("mountpoint") else None
+
+
+def _deliver(
+    session: state.Session,
+    fingerprint: str,
+    ipfs: IPFS,
+    out: Path | None,
+    publish: bool,
+) -> None:
+    providers = access.providers_of(ipfs)
+    recipient = None
+    for pub_text in {p for _path, p in access.grants_of(session).get(fingerprint, [])}:
+        recipient = identity.PublicIdentity.from_text(pub_text)
+    if recipient is None:
+        raise UsageError(f"nothing is shared with {fingerprint}")
+    manifest = access.build_share(session, fingerprint, providers)
+    sealed = sharing.seal(manifest, session.owner, recipient)
+    name = f"share-{fingerprint[:16]}-{manifest.sequence}.medfs-share"
+    path = out if out is not None and not out.is_dir() else (out or Path.cwd()) / name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(sealed)
+    tmp.replace(path)
+    count = len(manifest.entries)
+    print(f"share manifest #{manifest.sequence} for {fingerprint}: {count} entries -> {path}")
+    if publish:
+        cid = ipfs.add(sealed)
+        peer = providers[0].addresses[0] if providers and providers[0].addresses else ""
+        print(f"published as {cid}")
+        print(f"recipient: medfs mount MOUNTPOINT --manifest {cid} --peer {peer} --from ISSUER.pub")
+
+
+def run_share(args: argparse.Namespace) -> int:
+    to = identity.read_public_file(args.to)
+    layout, session = _session(args)
+    try:
+        where = _mountpoint(layout)
+        paths = [access.manifest_path(p, where) for p in args.paths]
+        wrapped = access.grant(session, paths, to)
+        print(f"granted {to.fingerprint} {', '.join(paths)} ({wrapped} files wrapped)")
+        ipfs = IPFS(resolve_api(layout.root, args.api))
+        _deliver(session, to.fingerprint, ipfs, Path(args.out) if args.out else None, args.publish)
+    finally:
+        session.manifest.close()
+    return 0
+
+
+def _progress_bar(total: int) -> access.Progress | None:
+    if not sys.stderr.isatty() or total <= 0:
+        return None
+    done = 0
+
+    def update(n: int) -> None:
+        nonlocal done
+        done += n
+        width = 40
+        filled = min(width, done * width // total)
+        sys.stderr.write(
+            f"\rre-encrypting [{'#' * filled}{'.' * (width - filled)}]"
+            f" {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return update
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    who = identity.read_public_file(args.from_)
+    layout, session = _session(args)
+    try:
+        where = _mountpoint(layout)
+        paths = [access.manifest_path(p, where) for p in args.paths]
+        ipfs = IPFS(resolve_api(layout.root, args.api), timeout=300)
+        total = sum(
+            inode.size
+            for p in paths
+            if (top := session.manifest.resolve(p)) is not None
+            for _rel, inode in access._subtree(session.manifest, top)
+        )
+        done, others = access.revoke(session, paths, who.fingerprint, ipfs, _progress_bar(total))
+        size = sum(r.size for r in done)
+        print(f"revoked {who.fingerprint} from {', '.join(paths)}")
+        print(f"re-encrypted {len(done)} files ({size:,} bytes) under fresh keys")
+        out = Path(args.out) if args.out else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        for fingerprint in sorted(others):
+            _deliver(session, fingerprint, ipfs, out, args.publish)
+    finally:
+        session.manifest.close()
+    return 0
+
+
+def run_grants(args: argparse.Namespace) -> int:
+    layout, session = _session(args)
+    try:
+        grants = access.grants_of(session)
+        where = _mountpoint(layout)
+        prefix = access.manifest_path(args.path, where) if args.path else None
+    finally:
+        session.manifest.close()
+    rows = [
+        {
+            "path": path,
+            "recipient": fpr,
+            "kind": identity.PublicIdentity.from_text(public).kind.value,
+        }
+        for fpr, items in grants.items()
+        for path, public in items
+        if prefix is None or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+        or prefix.startswith(path.rstrip("/") + "/")
+    ]  # fmt: skip
+    rows.sort(key=lambda r: (r["path"], r["recipient"]))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("nothing is shared")
+    else:
+        for row in rows:
+            print(f"{row['path']}  ->  {row['recipient']} ({row['kind']})")
+    return 0

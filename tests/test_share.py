@@ -1,0 +1,200 @@
+"""Sharing and revocation across two real Kubo nodes, through real mounts and the real CLI."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from medfs.ipfs import IPFS
+from medfs.kubo import EmbeddedNode
+from tests.conftest import run_medfs
+from tests.mounting import PASSPHRASE, Mounted, mounted
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+class Person:
+    """Someone with their own identity, state directory and IPFS node."""
+
+    def __init__(self, root: Path, name: str, api: str, *keygen: str) -> None:
+        self.root = root / name
+        self.root.mkdir()
+        self.name = name
+        self.api = api
+        self.state = self.root / "state"
+        self.mnt = self.root / "mnt"
+        self.mnt.mkdir()
+        self.key = self.root / f"{name}.key"
+        self.pub = self.root / f"{name}.pub"
+        out = run_medfs("keygen", "--out", str(self.root / name), *keygen, env=self.env)
+        assert out.returncode == 0, out.stderr
+        out = run_medfs("init", "--key", str(self.key), env=self.env)
+        assert out.returncode == 0, out.stderr
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"MEDFS_STATE": str(self.state), "MEDFS_PASSPHRASE": PASSPHRASE}
+
+    def medfs(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_medfs(*args, env=self.env)
+
+    def mount_share(self, manifest: Path | str, issuer: Path) -> subprocess.CompletedProcess[str]:
+        return self.medfs(
+            "mount", str(self.mnt), "--manifest", str(manifest), "--from", str(issuer),
+            "--api", self.api,
+        )  # fmt: skip
+
+    def umount(self) -> None:
+        if os.path.ismount(self.mnt):
+            out = self.medfs("umount", str(self.mnt))
+            assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Alice's node and everyone else's: two daemons that know nothing of each other."""
+    a = EmbeddedNode(tmp_path_factory.mktemp("node-a"))
+    b = EmbeddedNode(tmp_path_factory.mktemp("node-b"))
+    try:
+        yield a.ensure_running(), b.ensure_running()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def share(alice: Mounted, *args: str) -> subprocess.CompletedProcess[str]:
+    out = alice.medfs("share", *args, "--api", alice.api)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_share_mount_update_rollback_revoke(tmp_path: Path, nodes: tuple[str, str]) -> None:
+    api_a, api_b = nodes
+    bob = Person(tmp_path, "bob", api_b)
+    carol = Person(tmp_path, "carol", api_b)
+    dave = Person(tmp_path, "dave", api_b, "--classic")
+    erin = Person(tmp_path, "erin", api_b, "--rsa")
+    people = [bob, carol, dave, erin]
+    with mounted(tmp_path / "alice", api_a) as alice:
+        try:
+            _scenario(tmp_path, alice, bob, carol, dave, erin)
+        finally:
+            for person in people:
+                if os.path.ismount(person.mnt):
+                    subprocess.run(["fusermount3", "-u", "-z", str(person.mnt)], check=False)
+
+
+def _scenario(
+    tmp: Path, alice: Mounted, bob: Person, carol: Person, dave: Person, erin: Person
+) -> None:
+    alice_pub = alice.state / "owner.pub"
+    patients = alice.mnt / "patients"
+    (patients / "p1").mkdir(parents=True)
+    a_txt = b"allergies: penicillin\n" * 5000
+    b_bin = os.urandom(3 << 20)
+    (patients / "p1/a.txt").write_bytes(a_txt)
+    (patients / "p1/b.bin").write_bytes(b_bin)
+    (patients / "p1/link").symlink_to("a.txt")
+    (alice.mnt / "private.txt").write_bytes(b"not shared")
+
+    share(alice, str(patients), "--to", str(bob.pub), "--out", str(tmp / "bob1"))
+    grants = json.loads(alice.medfs("grants", "--json").stdout)
+    assert [(g["path"], g["kind"]) for g in grants] == [("/patients", "mlkem768-x25519")]
+
+    # Bob mounts it from his own node; the provider hints make the connection.
+    out = bob.mount_share(tmp / "bob1", alice_pub)
+    assert out.returncode == 0, out.stderr
+    assert (bob.mnt / "patients/p1/a.txt").read_bytes() == a_txt
+    assert (bob.mnt / "patients/p1/b.bin").read_bytes() == b_bin
+    assert os.readlink(bob.mnt / "patients/p1/link") == "a.txt"
+    assert sorted(os.listdir(bob.mnt)) == ["patients"]  # private.txt is not there
+    with pytest.raises(OSError) as info:
+        (bob.mnt / "patients/new").write_bytes(b"x")
+    assert info.value.errno == errno.EROFS
+
+    # Carol holds Bob's manifest but is not its recipient.
+    out = carol.mount_share(tmp / "bob1", alice_pub)
+    assert out.returncode == 8, out.stderr
+    assert "medfs: error:" in out.stderr and not os.path.ismount(carol.mnt)
+
+    # A manifest verified against the wrong issuer key, and a damaged one, are refused.
+    out = bob.mount_share(tmp / "bob1", carol.pub)
+    assert out.returncode != 0 and not os.path.ismount(bob.mnt / "x")
+    damaged = bytearray((tmp / "bob1").read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    (tmp / "damaged").write_bytes(bytes(damaged))
+    out = carol.mount_share(tmp / "damaged", alice_pub)
+    assert out.returncode in (7, 8, 11) and "Traceback" not in out.stderr
+
+    # Alice changes a file and adds one; the next manifest carries both.
+    (patients / "p1/a.txt").write_bytes(b"allergies: none\n")
+    (patients / "p1/c.txt").write_bytes(b"new note")
+    share(alice, str(patients), "--to", str(bob.pub), "--out", str(tmp / "bob2"))
+    bob.umount()
+    out = bob.mount_share(tmp / "bob2", alice_pub)
+    assert out.returncode == 0, out.stderr
+    assert (bob.mnt / "patients/p1/a.txt").read_bytes() == b"allergies: none\n"
+    assert (bob.mnt / "patients/p1/c.txt").read_bytes() == b"new note"
+    bob.umount()
+    out = bob.mount_share(tmp / "bob1", alice_pub)  # rollback to the older manifest
+    assert out.returncode == 13 and "already accepted" in out.stderr
+
+    # Every recipient kind works: x25519 (Dave) and RSA-OAEP (Erin).
+    for person, name in ((dave, "dave1"), (erin, "erin1")):
+        share(alice, str(patients), "--to", str(person.pub), "--out", str(tmp / name))
+        out = person.mount_share(tmp / name, alice_pub)
+        assert out.returncode == 0, out.stderr
+        assert (person.mnt / "patients/p1/b.bin").read_bytes() == b_bin
+        person.umount()
+
+    # Revoke Bob: new versions under fresh keys, old CIDs unpinned, fresh manifests for others.
+    before = {
+        name: json.loads(alice.medfs("stat", str(patients / "p1" / name), "--json").stdout)
+        for name in ("a.txt", "b.bin", "c.txt")
+    }
+    out = alice.medfs(
+        "revoke", str(patients), "--from", str(bob.pub), "--out", str(tmp / "after"),
+        "--api", alice.api,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "re-encrypted 3 files" in out.stdout
+    after = {
+        name: json.loads(alice.medfs("stat", str(patients / "p1" / name), "--json").stdout)
+        for name in before
+    }
+    bob_fpr = _fingerprint(bob)
+    pins = IPFS(alice.api).pins()
+    for name in before:
+        assert after[name]["cid"] != before[name]["cid"]
+        assert bob_fpr in before[name]["recipients"]
+        assert bob_fpr not in after[name]["recipients"]
+        assert before[name]["cid"] not in pins and after[name]["cid"] in pins
+    assert (alice.mnt / "patients/p1/b.bin").read_bytes() == b_bin
+    fresh = sorted((tmp / "after").iterdir())
+    assert len(fresh) == 2  # Dave and Erin, not Bob
+    dave_manifest = next(p for p in fresh if _fingerprint(dave)[:16] in p.name)
+    out = dave.mount_share(dave_manifest, alice_pub)
+    assert out.returncode == 0, out.stderr
+    assert (dave.mnt / "patients/p1/b.bin").read_bytes() == b_bin
+    dave.umount()
+    # Bob's newest manifest names only the old versions: none of the new CIDs.
+    out = bob.mount_share(tmp / "bob2", alice_pub)
+    assert out.returncode == 0, out.stderr
+    cids = {
+        json.loads(bob.medfs("stat", str(bob.mnt / "patients/p1" / n), "--json").stdout)["cid"]
+        for n in before
+    }
+    assert cids.isdisjoint({after[n]["cid"] for n in before})
+    bob.umount()
+
+
+def _fingerprint(person: Person) -> str:
+    out = run_medfs("id", str(person.pub), "--json")
+    assert out.returncode == 0, out.stderr
+    return str(json.loads(out.stdout)["fingerprint"])
