@@ -21,12 +21,14 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from medfs import format, recipients
+from medfs.audit import AuditLog
 from medfs.content import (
     MAX_READAHEAD,
     ContentError,
@@ -124,8 +126,10 @@ class Filesystem(pyfuse3.Operations):
         *,
         read_only: bool = False,
         statfs_path: str = "/",
+        journal: AuditLog | None = None,
     ) -> None:
         super().__init__()
+        self.journal = journal
         self.manifest = manifest
         self.owner = owner
         self.reader = reader
@@ -277,6 +281,10 @@ class Filesystem(pyfuse3.Operations):
         )
         self._versions[ino] = Version(uploaded.cid, key, uploaded.salt, uploaded.size)
         self.stats.commits += 1
+        await self._record(
+            "version", cid=uploaded.cid, path=self._path(ino), size=uploaded.size,
+            recipients=sorted(wraps),
+        )  # fmt: skip
         garbage = draft.take_garbage()
         if old is not None and old != uploaded.cid:
             garbage.append(old)
@@ -316,6 +324,30 @@ class Filesystem(pyfuse3.Operations):
         """An inode lost its name: free it now, or when the kernel and handles let go."""
         self._unlinked.add(inode.ino)
         self._maybe_free(inode.ino)
+
+    # -- the audit log ----------------------------------------------------------------------------
+
+    def _path(self, ino: int) -> str:
+        path = self.manifest.path_of(ino)
+        return os.fsdecode(path) if path is not None else f"(unlinked inode {ino})"
+
+    async def _record(self, event: str, *, cid: str | None = None, **details: object) -> None:
+        """Record an event durably before the operation is acknowledged."""
+        if self.journal is not None:
+            append = functools.partial(self.journal.append, event, cid=cid, **details)
+            await trio.to_thread.run_sync(append)
+
+    def _record_read(self, ino: int, cid: str | None, ctx: pyfuse3.RequestContext) -> None:
+        """Record an open for reading: batched, written within a second (no wait here)."""
+        if self.journal is None:
+            return
+        try:
+            command = Path(f"/proc/{ctx.pid}/comm").read_text().strip()
+        except OSError:
+            command = None  # the process is gone already, or not ours to see
+        self.journal.append_batched(
+            "open", cid=cid, path=self._path(ino), pid=ctx.pid, uid=ctx.uid, command=command
+        )
 
     # -- lookups and attributes ---------------------------------------------------------------
 
@@ -445,7 +477,9 @@ class Filesystem(pyfuse3.Operations):
             raise _fail(errno.ENOENT)
         if node.kind == "dir":
             raise _fail(errno.EISDIR)
+        path = self._path(node.ino)
         self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        await self._record("delete", cid=node.cid, path=path, pid=ctx.pid, uid=ctx.uid)
         self._detach(node)
 
     @_op
@@ -458,7 +492,9 @@ class Filesystem(pyfuse3.Operations):
             raise _fail(errno.ENOTDIR)
         if self.manifest.has_children(node.ino):
             raise _fail(errno.ENOTEMPTY)
+        path = self._path(node.ino)
         self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        await self._record("delete", path=path, kind="dir", pid=ctx.pid, uid=ctx.uid)
         self._detach(node)
 
     @_op
@@ -494,9 +530,14 @@ class Filesystem(pyfuse3.Operations):
                 raise _fail(errno.ENOTEMPTY)
         if moved.kind == "dir" and self._is_ancestor(moved.ino, parent_inode_new):
             raise _fail(errno.EINVAL)
+        old_path = self._path(moved.ino)
         replaced = self.manifest.rename(
             parent_inode_old, name_old, parent_inode_new, name_new, now_ns=time.time_ns()
         )
+        await self._record(
+            "rename", path=old_path, new_path=self._path(moved.ino), pid=ctx.pid, uid=ctx.uid,
+            replaced=replaced is not None,
+        )  # fmt: skip
         if replaced is not None:
             self._detach(replaced)
 
@@ -561,6 +602,7 @@ class Filesystem(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new(parent_inode, name, "file", mode, ctx)
+        await self._record("create", path=self._path(node.ino), pid=ctx.pid, uid=ctx.uid)
         draft = self._draft(node)
         draft.dirty = True  # even an empty new file becomes a (tiny) encrypted object
         fh = self._new_handle(node.ino, writable=True)
@@ -585,6 +627,8 @@ class Filesystem(pyfuse3.Operations):
         # The kernel may keep cached pages only when the content is the one it cached before.
         unchanged = inode not in self._drafts and self._last_open_cid.get(inode, "") == node.cid
         self._last_open_cid[inode] = node.cid
+        if (flags & os.O_ACCMODE) != os.O_WRONLY:
+            self._record_read(inode, node.cid, ctx)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, writable), keep_cache=unchanged)
 
     @_op

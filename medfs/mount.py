@@ -26,7 +26,8 @@ from typing import BinaryIO
 import pyfuse3
 import trio
 
-from medfs import state
+from medfs import audit, state
+from medfs.audit import AuditLog
 from medfs.content import Reader, SegmentCache, Staging
 from medfs.errors import MedfsError, UsageError
 from medfs.fs import Filesystem, Pending
@@ -86,6 +87,10 @@ def serve(
         ipfs = IPFS(options.api)
         stack.callback(ipfs.close)
         ipfs.version()  # fail now, with the node's address in the message, not at first read
+        journal = AuditLog(
+            audit.log_path(layout.root), owner, audit.audit_key(session.manifest_key)
+        )
+        stack.callback(journal.close)
         staging = Staging(layout.staging, STAGING_LIMIT)
         fs = Filesystem(
             manifest,
@@ -94,6 +99,7 @@ def serve(
             staging,
             read_only=options.read_only,
             statfs_path=str(layout.root),
+            journal=journal,
         )
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {f"fsname={fsname(layout)}", "subtype=medfs"}
@@ -105,6 +111,7 @@ def serve(
             report_path(layout).unlink()
         pyfuse3.init(fs, str(options.mountpoint), fuse_options)
         log.info("mounted %s (api %s)", options.mountpoint, options.api)
+        journal.append("mount", mountpoint=str(options.mountpoint), read_only=options.read_only)
         try:
             ready()
             pending = trio.run(_main, fs)
@@ -113,6 +120,15 @@ def serve(
             raise
         pyfuse3.close()
         log.info("unmounted %s: %d versions committed", options.mountpoint, fs.stats.commits)
+        journal.append(
+            "unmount", mountpoint=str(options.mountpoint), pending=[p.ino for p in pending]
+        )
+        try:
+            # Anchoring the head on IPFS makes cutting entries off the log's end detectable.
+            anchor = journal.anchor(ipfs)
+            log.info("audit log anchored at %s (%d entries)", anchor.cid, anchor.count)
+        except MedfsError as err:
+            log.warning("could not anchor the audit log: %s", err.message)
         report = {"pending": [{"inode": p.ino, "error": p.error} for p in pending]}
         report_path(layout).write_text(json.dumps(report))
         return pending

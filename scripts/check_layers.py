@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"format", "kubo"},
     {"recipients", "content"},
     {"identity"},
-    {"state", "fs", "sharing", "audit"},
+    {"audit"},
+    {"state", "fs", "sharing"},
     {"mount", "access"},
     {"cli"},
 ]

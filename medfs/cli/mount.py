@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medfs import access, identity, mount, state
+from medfs import access, audit, identity, mount, state
 from medfs.errors import MedfsError, UsageError
 from medfs.ipfs import IPFS
 from medfs.kubo import resolve_api
@@ -81,6 +81,22 @@ def _mount_options(raw: list[str]) -> set[str]:
     return options
 
 
+def _record(layout: state.Layout, passphrase: str, event: str, **details: object) -> None:
+    """Record a share manifest decision in the recipient's own audit log."""
+    try:
+        session = state.unlock(layout, passphrase)
+    except MedfsError as err:
+        print(f"medfs: warning: not recorded in the audit log: {err.message}", file=sys.stderr)
+        return
+    try:
+        with audit.AuditLog(
+            audit.log_path(layout.root), session.owner, audit.audit_key(session.manifest_key)
+        ) as log:
+            log.append(event, cid=None, **details)
+    finally:
+        session.manifest.close()
+
+
 def _accept_share(
     args: argparse.Namespace, layout: state.Layout, passphrase: str, api: str
 ) -> state.Layout:
@@ -103,7 +119,14 @@ def _accept_share(
             data = ipfs.cat(args.manifest)
         else:
             raise UsageError(f"{args.manifest}: no such file, and not a CID")
-        sub, share = access.accept(layout, data, recipient, key, issuer)
+        try:
+            sub, share = access.accept(layout, data, recipient, key, issuer)
+        except MedfsError as err:
+            _record(layout, passphrase, "manifest-refused", issuer=issuer.fingerprint,
+                    reason=err.message)  # fmt: skip
+            raise
+        _record(layout, passphrase, "manifest-accepted", issuer=issuer.fingerprint,
+                sequence=share.sequence, entries=len(share.entries))  # fmt: skip
         reached = 0
         for provider in share.providers:
             for address in provider.addresses:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medfs import access, identity, sharing, state
+from medfs import access, audit, identity, sharing, state
 from medfs.errors import UsageError
 from medfs.ipfs import IPFS
 from medfs.kubo import resolve_api
@@ -51,6 +51,13 @@ def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
     return layout, state.unlock(layout, passphrase)
 
 
+def journal(layout: state.Layout, session: state.Session) -> audit.AuditLog:
+    """The state directory's audit log (shared with a running mount: one chain)."""
+    return audit.AuditLog(
+        audit.log_path(layout.root), session.owner, audit.audit_key(session.manifest_key)
+    )
+
+
 def _mountpoint(layout: state.Layout) -> str | None:
     holder = state.holder(layout)
     return str(holder["mountpoint"]) if holder and holder.get("mountpoint") else None
@@ -62,7 +69,7 @@ def _deliver(
     ipfs: IPFS,
     out: Path | None,
     publish: bool,
-) -> None:
+) -> int:
     providers = access.providers_of(ipfs)
     recipient = None
     for pub_text in {p for _path, p in access.grants_of(session).get(fingerprint, [])}:
@@ -83,6 +90,7 @@ def _deliver(
         peer = providers[0].addresses[0] if providers and providers[0].addresses else ""
         print(f"published as {cid}")
         print(f"recipient: medfs mount MOUNTPOINT --manifest {cid} --peer {peer} --from ISSUER.pub")
+    return manifest.sequence
 
 
 def run_share(args: argparse.Namespace) -> int:
@@ -94,7 +102,10 @@ def run_share(args: argparse.Namespace) -> int:
         wrapped = access.grant(session, paths, to)
         print(f"granted {to.fingerprint} {', '.join(paths)} ({wrapped} files wrapped)")
         ipfs = IPFS(resolve_api(layout.root, args.api))
-        _deliver(session, to.fingerprint, ipfs, Path(args.out) if args.out else None, args.publish)
+        out = Path(args.out) if args.out else None
+        sequence = _deliver(session, to.fingerprint, ipfs, out, args.publish)
+        with journal(layout, session) as log:
+            log.append("share", recipient=to.fingerprint, paths=paths, sequence=sequence)
     finally:
         session.manifest.close()
     return 0
@@ -135,6 +146,13 @@ def run_revoke(args: argparse.Namespace) -> int:
             for _rel, inode in access._subtree(session.manifest, top)
         )
         done, others = access.revoke(session, paths, who.fingerprint, ipfs, _progress_bar(total))
+        with journal(layout, session) as log:
+            log.append(
+                "revoke",
+                recipient=who.fingerprint,
+                paths=paths,
+                reencrypted=[{"path": r.path, "old": r.old_cid, "new": r.new_cid} for r in done],
+            )
         size = sum(r.size for r in done)
         print(f"revoked {who.fingerprint} from {', '.join(paths)}")
         print(f"re-encrypted {len(done)} files ({size:,} bytes) under fresh keys")
