@@ -31,9 +31,10 @@ Durability: `append` writes the line and fsyncs before it returns, so an acknowl
 has its entry on disk. `append_batched` (reads) does no I/O at all: it queues the event; it is
 signed onto the chain when written. A flusher thread writes the queue with one write and one
 fsync once it is BATCH_SIZE entries long or its oldest entry is `batch_delay` old, and any
-durable append, `flush` or `close` takes the queue along first, so the file order is always the seq order. A crash loses at most the
-last `batch_delay` of reads, never a write, share or revoke, and never breaks the chain: the
-file only ever holds a prefix of the chain plus, at worst, one torn line.
+durable append, `flush` or `close` takes the queue along first, so the file order is always the
+seq order. A crash loses at most the last `batch_delay` of reads, never a write, share or
+revoke, and never breaks the chain: the file only ever holds a prefix of the chain plus, at
+worst, one torn line.
 
 Recovery: on open the writer drops a torn tail (bytes after the last LF, or zero-filled lines a
 crash can leave behind) - such bytes were never acknowledged, since appends fsync whole lines -
