@@ -20,21 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
+import json
 import logging
 import os
 import queue
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medfs import format, layout
-from medfs.errors import FormatError, IPFSError
+from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.ipfs import IPFS
 
 log = logging.getLogger(__name__)
@@ -50,29 +56,47 @@ COMMIT_BATCH = 64
 
 @dataclass(frozen=True)
 class Version:
-    """One committed, encrypted object. `key` is the unwrapped content key: memory only."""
+    """One encrypted object. `key` is the unwrapped content key: memory only.
+
+    `local` is set while the object is only in the staging area (its upload failed and waits
+    for the node): reads then come from that file, and `cid` is just a cache label.
+    """
 
     cid: str
     key: bytes
     salt: bytes
     size: int
+    local: Path | None = None
 
     def reader(self, ipfs: IPFS) -> format.ObjectReader:
+        local = self.local
+        if local is not None:
+
+            def fetch(offset: int, length: int) -> bytes:
+                with open(local, "rb") as fh:
+                    return os.pread(fh.fileno(), length, offset)
+
+        else:
+
+            def fetch(offset: int, length: int) -> bytes:
+                return ipfs.cat(self.cid, offset, length)
+
         return format.ObjectReader(
-            self.key,
-            lambda offset, length: ipfs.cat(self.cid, offset, length),
-            layout.ciphertext_size(self.size),
-            header=format.Header(self.salt),
+            self.key, fetch, layout.ciphertext_size(self.size), header=format.Header(self.salt)
         )
 
 
 @dataclass(frozen=True)
-class Uploaded:
-    """A freshly added object: what the manifest records for a new version."""
+class Sealed:
+    """A new version, encrypted in full: uploaded (`cid`), or waiting in `spool` if the
+    upload failed (`error` says why)."""
 
-    cid: str
+    key: bytes
     salt: bytes
     size: int
+    spool: Path
+    cid: str | None
+    error: str | None
 
 
 class ContentError(Exception):
@@ -125,6 +149,8 @@ class Reader:
     def __init__(self, ipfs: IPFS, cache: SegmentCache) -> None:
         self.ipfs = ipfs
         self.cache = cache
+        # Segments being fetched in the background, so a read waits instead of fetching twice.
+        self._inflight: dict[tuple[str, int], trio.Event] = {}
 
     def _cached(self, v: Version, first: int, last: int) -> list[bytes] | None:
         out = []
@@ -146,12 +172,26 @@ class Reader:
         while self.cache.get(v.cid, start) is not None:
             start += 1
         stop = min(count - 1, max(last, last + ahead))
-        with _as_content_error(f"cannot read {v.cid}"):
-            data = v.reader(self.ipfs).read(start * SEG, (stop - start + 1) * SEG)
-        fetched = {}
-        for i, index in enumerate(range(start, stop + 1)):
-            piece = data[i * SEG : (i + 1) * SEG]
-            fetched[index] = piece
+        fetched: dict[int, bytes] = {}
+        try:
+            with _as_content_error(f"cannot read {v.cid}"):
+                data = v.reader(self.ipfs).read(start * SEG, (stop - start + 1) * SEG)
+            for i, index in enumerate(range(start, stop + 1)):
+                fetched[index] = data[i * SEG : (i + 1) * SEG]
+        except ContentError as err:
+            if not isinstance(err.__cause__, FormatError):
+                raise
+            # A damaged segment must not take its neighbours down with it: one at a time, so
+            # only reads that touch the damaged segment fail.
+            for index in range(start, stop + 1):
+                try:
+                    with _as_content_error(f"cannot read {v.cid}"):
+                        fetched[index] = v.reader(self.ipfs).read(index * SEG, SEG)
+                except ContentError:
+                    if first <= index <= last:
+                        raise
+                    break  # read-ahead stops at the damage
+        for index, piece in fetched.items():
             self.cache.put(v.cid, index, piece)
         return [fetched[i] if i in fetched else self._must(v, i) for i in range(first, last + 1)]
 
@@ -176,11 +216,48 @@ class Reader:
         if end <= offset:
             return b""
         first, last = offset // SEG, (end - 1) // SEG
-        hit = self._cached(v, first, last)
-        if hit is not None:  # the common case of sequential reads after read-ahead: no thread hop
-            skip = offset - first * SEG
-            return b"".join(hit)[skip : skip + end - offset]
+        for _attempt in range(2):
+            hit = self._cached(v, first, last)
+            if hit is not None:  # sequential reads after read-ahead: no thread hop
+                skip = offset - first * SEG
+                return b"".join(hit)[skip : skip + end - offset]
+            missing = next(i for i in range(first, last + 1) if self.cache.get(v.cid, i) is None)
+            event = self._inflight.get((v.cid, missing))
+            if event is None:
+                break
+            await event.wait()  # a prefetch is bringing it
         return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
+
+    async def prefetch(self, v: Version, first: int, last: int) -> None:
+        """Fetch segments first..last in the background (a sequential reader will want them),
+        skipping what is cached or already on its way. Errors are left for the read to meet."""
+        last = min(last, layout.segment_count(v.size) - 1)
+        start = first
+        while start <= last and (
+            self.cache.get(v.cid, start) is not None or (v.cid, start) in self._inflight
+        ):
+            start += 1
+        stop = start
+        while (
+            stop + 1 <= last
+            and self.cache.get(v.cid, stop + 1) is None
+            and (v.cid, stop + 1) not in self._inflight
+        ):
+            stop += 1
+        if start > last:
+            return
+        event = trio.Event()
+        for index in range(start, stop + 1):
+            self._inflight[(v.cid, index)] = event
+        try:
+            await trio.to_thread.run_sync(self.segments, v, start, stop)
+        except ContentError:
+            pass
+        finally:
+            for index in range(start, stop + 1):
+                if self._inflight.get((v.cid, index)) is event:
+                    del self._inflight[(v.cid, index)]
+            event.set()
 
 
 class Staging:
@@ -252,91 +329,182 @@ class StagedFile:
         self._fh.close()
 
 
-class StreamUpload:
-    """An IPFS add running in its own thread, fed plaintext chunks, encrypting as it goes."""
+class Spool:
+    """One encrypted object being written to the staging area while it is uploaded.
 
-    _END = b""
+    Writing the ciphertext locally first decouples encryption from the upload: if the node
+    fails, the object still completes on disk and waits there for the node to come back.
+    The uploader reads the file as it grows. Once uploaded, the file is deleted.
+    """
 
-    def __init__(self, ipfs: IPFS, key: bytes) -> None:
-        self.key = key
-        self.size = 0
-        self._queue: queue.Queue[bytes | None] = queue.Queue(UPLOAD_QUEUE)
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f"{os.urandom(12).hex()}.obj"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._size = 0
+        self._done = False
+        self._cond = threading.Condition()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        with self._cond:
+            self._size += len(data)
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        self.finish()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def reader(self) -> io.RawIOBase:
+        spool = self
+
+        class Tail(io.RawIOBase):
+            """Reads the spool as it grows; EOF only once the writer has finished."""
+
+            pos = 0
+
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer: Any) -> int:
+                with spool._cond:
+                    while spool._size <= self.pos and not spool._done:
+                        spool._cond.wait()
+                    available = spool._size - self.pos
+                if available <= 0:
+                    return 0
+                view = memoryview(buffer).cast("B")
+                data = os.pread(spool._fd, min(len(view), available), self.pos)
+                view[: len(data)] = data
+                self.pos += len(data)
+                return len(data)
+
+        return Tail()
+
+
+class SealAndUpload:
+    """Encrypt plaintext under a fresh key into a spool (one thread) while another thread
+    uploads the spool to IPFS as it grows. An upload failure does not stop the encryption:
+    the object still completes on disk."""
+
+    def __init__(self, ipfs: IPFS, directory: Path, plaintext: Iterable[bytes]) -> None:
+        self.key = format.new_content_key()
+        self.spool = Spool(directory)
         self._ipfs = ipfs
+        self._plaintext = plaintext
         self._salt: bytes | None = None
+        self._size = 0
         self._cid: str | None = None
-        self._error: BaseException | None = None
-        self._aborted = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="medfs-upload", daemon=True)
-        self._thread.start()
+        self._seal_error: BaseException | None = None
+        self._upload_error: str | None = None
+        self._sealer = threading.Thread(target=self._seal, name="medfs-seal", daemon=True)
+        self._uploader = threading.Thread(target=self._upload, name="medfs-upload", daemon=True)
+        self._sealer.start()
+        self._uploader.start()
+
+    def _seal(self) -> None:
+        try:
+            for piece in format.encrypt(self.key, self._counted()):
+                if self._salt is None:
+                    self._salt = format.Header.parse(piece).salt
+                self.spool.write(piece)
+        except BaseException as err:  # reported when the draft commits
+            self._seal_error = err
+        finally:
+            self.spool.finish()
+
+    def _counted(self) -> Iterator[bytes]:
+        for chunk in self._plaintext:
+            self._size += len(chunk)
+            yield chunk
+
+    def _upload(self) -> None:
+        try:
+            self._cid = self._ipfs.add(io.BufferedReader(self.spool.reader(), 1 << 20))
+        except MedfsError as err:
+            self._upload_error = err.message
+        except Exception as err:  # anything else is still a failed upload, kept in staging
+            self._upload_error = repr(err)
+
+    def finish_sync(self) -> Sealed:
+        """Wait for both threads (blocking). ContentError if the object could not be made."""
+        self._sealer.join()
+        if self._seal_error is not None:
+            self.spool.discard()
+            err = self._seal_error
+            if isinstance(err, ContentError):
+                raise err
+            message = err.message if isinstance(err, MedfsError) else repr(err)
+            raise ContentError(f"cannot encrypt the new version: {message}") from err
+        self._uploader.join()
+        assert self._salt is not None
+        if self._cid is None:
+            self.spool.sync()  # it must survive a crash until it is uploaded
+        else:
+            self.spool.close()
+        return Sealed(
+            self.key, self._salt, self._size, self.spool.path, self._cid, self._upload_error
+        )
+
+    def abort(self) -> None:
+        """Give up (the file was deleted): stop, and remove the spool."""
+        self.spool.discard()
+
+
+class StreamFeed:
+    """Plaintext writes of a sequential writer, handed to a SealAndUpload as they come."""
+
+    def __init__(self, ipfs: IPFS, directory: Path) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(UPLOAD_QUEUE)
+        self.job = SealAndUpload(ipfs, directory, self._chunks())
+        self.size = 0
 
     def _chunks(self) -> Iterator[bytes]:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                if self._aborted:
-                    raise ContentError("upload aborted")
-                return
+        while (item := self._queue.get()) is not None:
             yield item
 
-    def _encrypted(self) -> Iterator[bytes]:
-        stream = format.encrypt(self.key, self._chunks())
-        header = next(stream)
-        self._salt = format.Header.parse(header).salt
-        yield header
-        yield from stream
-
-    def _run(self) -> None:
-        try:
-            self._cid = self._ipfs.add(self._encrypted())
-        except BaseException as err:  # reported to the writer when it finishes
-            self._error = err
-        finally:
-            self._done.set()
-
     def _put(self, item: bytes | None) -> None:
-        while not self._done.is_set():
+        # The sealer only stops early on an encryption failure: then stop waiting for room.
+        while self.job._sealer.is_alive():
             try:
                 self._queue.put(item, timeout=0.2)
                 return
             except queue.Full:
                 continue
-        self._raise()
-
-    def _raise(self) -> None:
-        err = self._error
-        if isinstance(err, ContentError):
-            raise err
-        if isinstance(err, IPFSError | FormatError):
-            raise ContentError(f"upload failed: {err.message}") from err
-        raise ContentError(f"upload failed: {err!r}") from err
 
     async def write(self, data: bytes) -> None:
-        if self._done.is_set():
-            self._raise()
         try:
             self._queue.put_nowait(data)
         except queue.Full:
             await trio.to_thread.run_sync(self._put, data)
         self.size += len(data)
 
-    async def finish(self) -> Uploaded:
-        await trio.to_thread.run_sync(self._finish_sync)
-        assert self._cid is not None and self._salt is not None
-        return Uploaded(self._cid, self._salt, self.size)
-
-    def _finish_sync(self) -> None:
-        with contextlib.suppress(ContentError):
+    async def finish(self) -> Sealed:
+        def done() -> Sealed:
             self._put(None)
-        self._thread.join()
-        if self._error is not None:
-            self._raise()
+            return self.job.finish_sync()
+
+        return await trio.to_thread.run_sync(done)
 
     def abort(self) -> None:
-        """Stop feeding; whatever was added is garbage for the caller to unpin (if any)."""
-        self._aborted = True
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
+        self.job.abort()
 
 
 class Draft:
@@ -352,9 +520,10 @@ class Draft:
         self.dirty = False
         self.mtime_ns = 0  # what the new version's mtime will be: last write or utimens
         self.lock = trio.Lock()
-        self._stream: StreamUpload | None = None
+        self._stream: StreamFeed | None = None
         self._staged: StagedFile | None = None
         self._garbage: list[str] = []  # temporary objects to unpin once committed
+        self._garbage_spools: list[Path] = []  # and their local copies
 
     @property
     def _streamable(self) -> bool:
@@ -427,10 +596,14 @@ class Draft:
             return
         stream, self._stream = self._stream, None
         if stream is not None:
-            uploaded = await stream.finish()
-            self._garbage.append(uploaded.cid)
-            self.base = Version(uploaded.cid, stream.key, uploaded.salt, uploaded.size)
-            self.base_visible = uploaded.size
+            sealed = await stream.finish()
+            # A temporary object: read back from its local copy, dropped at the next commit.
+            self.base = Version(f"spool:{sealed.spool.name}", sealed.key, sealed.salt,
+                                sealed.size, local=sealed.spool)  # fmt: skip
+            self.base_visible = sealed.size
+            self._garbage_spools.append(sealed.spool)
+            if sealed.cid is not None:
+                self._garbage.append(sealed.cid)
         self._staged = self.staging.new_file()
 
     # -- operations ---------------------------------------------------------------------------
@@ -440,7 +613,7 @@ class Draft:
             self.dirty = True
             if self._streamable and offset == self.size:
                 if self._stream is None:
-                    self._stream = StreamUpload(self.reader.ipfs, format.new_content_key())
+                    self._stream = StreamFeed(self.reader.ipfs, self.staging.directory)
                 await self._stream.write(data)
                 self.size += len(data)
                 return
@@ -464,26 +637,43 @@ class Draft:
                 await self._to_overlay()
             return await trio.to_thread.run_sync(self._read_sync, offset, length)
 
-    async def commit(self) -> tuple[Uploaded, bytes] | None:
-        """Upload the draft as a new version; return it and its content key, or None when
-        nothing changed. Stays usable: the new version becomes the base of further writes."""
+    async def commit(self) -> Sealed | None:
+        """Encrypt the draft as a new version under a fresh key and upload it; None when
+        nothing changed. The result is uploaded (`cid`) or, if the node failed, complete in
+        the staging area (`spool`). The draft stays usable, based on the new version."""
         async with self.lock:
             if not self.dirty:
                 return None
             if self._stream is not None:
                 stream, self._stream = self._stream, None
-                uploaded = await stream.finish()
-                key = stream.key
+                sealed = await stream.finish()
             else:
-                key = format.new_content_key()
-                uploaded = await trio.to_thread.run_sync(self._upload_overlay_sync, key)
-            self.base = Version(uploaded.cid, key, uploaded.salt, uploaded.size)
-            self.base_visible = self.size = uploaded.size
+                job = SealAndUpload(
+                    self.reader.ipfs, self.staging.directory, self._blocks_for_upload()
+                )
+                sealed = await trio.to_thread.run_sync(job.finish_sync)
+            if sealed.cid is not None:
+                self.base = Version(sealed.cid, sealed.key, sealed.salt, sealed.size)
+                with contextlib.suppress(FileNotFoundError):
+                    sealed.spool.unlink()
+            else:
+                self.base = Version(f"spool:{sealed.spool.name}", sealed.key, sealed.salt,
+                                    sealed.size, local=sealed.spool)  # fmt: skip
+            self.base_visible = self.size = sealed.size
             if self._staged is not None:
                 self._staged.close()
                 self._staged = None
             self.dirty = False
-            return uploaded, key
+            for spool in self._garbage_spools:
+                with contextlib.suppress(FileNotFoundError):
+                    spool.unlink()
+            self._garbage_spools = []
+            return sealed
+
+    def rebase(self, old: Path, new: Version) -> None:
+        """The pending object `old` was uploaded as `new` (same key and bytes)."""
+        if self.base is not None and self.base.local == old:
+            self.base = new
 
     def _blocks_for_upload(self) -> Iterator[bytes]:
         count = -(-self.size // SEG)
@@ -512,19 +702,6 @@ class Draft:
                 yield block[:want] + bytes(want - len(block[:want]))
             index = batch_end
 
-    def _upload_overlay_sync(self, key: bytes) -> Uploaded:
-        encrypted = format.encrypt(key, self._blocks_for_upload())
-        header = next(encrypted)
-        salt = format.Header.parse(header).salt
-
-        def stream() -> Iterator[bytes]:
-            yield header
-            yield from encrypted
-
-        with _as_content_error("cannot upload the new version"):
-            cid = self.reader.ipfs.add(stream())
-        return Uploaded(cid, salt, self.size)
-
     def take_garbage(self) -> list[str]:
         garbage, self._garbage = self._garbage, []
         return garbage
@@ -536,3 +713,107 @@ class Draft:
         if self._staged is not None:
             self._staged.close()
             self._staged = None
+        for spool in self._garbage_spools:
+            with contextlib.suppress(FileNotFoundError):
+                spool.unlink()
+        self._garbage_spools = []
+
+
+def pending_key(manifest_key: bytes) -> bytes:
+    """The key that seals pending-upload records: derived, so it needs no storage of its own."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"medfs v1 pending uploads"
+    ).derive(manifest_key)
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """A committed-on-close version whose upload failed: the whole object is in `spool`."""
+
+    ino: int
+    spool: Path
+    key: bytes
+    salt: bytes
+    size: int
+    mtime_ns: int
+    meta: Path
+
+    def version(self) -> Version:
+        return Version(f"spool:{self.spool.name}", self.key, self.salt, self.size, self.spool)
+
+
+class PendingStore:
+    """Versions waiting for the node, kept in the staging area across restarts.
+
+    Each is its complete encrypted object (`*.obj`) plus a small record (`*.pending`) sealed
+    under a key derived from the manifest key, so the next mount can upload and commit it;
+    nothing in the staging area is readable without the owner's key.
+    """
+
+    AAD = b"medfs v1 pending upload"
+
+    def __init__(self, directory: Path, key: bytes) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory = directory
+        self._aead = AESGCM(key)
+
+    def save(self, ino: int, sealed: Sealed, mtime_ns: int) -> PendingRecord:
+        record = PendingRecord(
+            ino, sealed.spool, sealed.key, sealed.salt, sealed.size, mtime_ns,
+            sealed.spool.with_suffix(".pending"),
+        )  # fmt: skip
+        body = json.dumps({
+            "ino": ino, "spool": sealed.spool.name, "key": sealed.key.hex(),
+            "salt": sealed.salt.hex(), "size": sealed.size, "mtime_ns": mtime_ns,
+        }).encode()  # fmt: skip
+        nonce = os.urandom(12)
+        tmp = record.meta.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, nonce + self._aead.encrypt(nonce, body, self.AAD))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(record.meta)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # both names must survive a crash
+        finally:
+            os.close(dir_fd)
+        return record
+
+    def load(self) -> list[PendingRecord]:
+        found = []
+        for meta in sorted(self.directory.glob("*.pending")):
+            try:
+                raw = meta.read_bytes()
+                body = json.loads(self._aead.decrypt(raw[:12], raw[12:], self.AAD))
+                record = PendingRecord(
+                    int(body["ino"]), self.directory / str(body["spool"]),
+                    bytes.fromhex(body["key"]), bytes.fromhex(body["salt"]), int(body["size"]),
+                    int(body["mtime_ns"]), meta,
+                )  # fmt: skip
+            except (OSError, ValueError, KeyError, InvalidTag) as err:
+                log.error("staging record %s cannot be read (%r); it is left in place", meta, err)
+                continue
+            if not record.spool.is_file():
+                log.error("staging record %s has lost its object; it is left in place", meta)
+                continue
+            found.append(record)
+        return found
+
+    def remove(self, record: PendingRecord) -> None:
+        for path in (record.spool, record.meta):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def sweep(self, keep: Iterable[Path]) -> int:
+        """Delete encrypted objects no record keeps: the leftovers of a crash mid-write."""
+        kept = set(keep)
+        removed = 0
+        for path in self.directory.glob("*.obj"):
+            if path not in kept:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed

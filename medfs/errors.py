@@ -71,3 +71,9 @@ class AuditError(MedfsError):
     """The audit log is damaged, fails verification, or cannot be written."""
 
     exit_code = 12
+
+
+class VerifyError(MedfsError):
+    """`medfs verify` found problems that remain (not repaired, or not repairable)."""
+
+    exit_code = 14

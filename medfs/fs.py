@@ -11,6 +11,7 @@ its last handle is released.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -33,15 +34,23 @@ from medfs.content import (
     MAX_READAHEAD,
     ContentError,
     Draft,
+    PendingRecord,
+    PendingStore,
     Reader,
+    Sealed,
     Staging,
     Version,
 )
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.identity import Identity, PublicIdentity
+from medfs.layout import SEGMENT_SIZE
 from medfs.manifest import Inode, Manifest
 
 log = logging.getLogger(__name__)
+
+SEG = SEGMENT_SIZE
+# A reader this far into a sequential streak gets its next window fetched in the background.
+PREFETCH_AFTER = 16
 
 # Metadata changes only through this daemon, which answers with fresh attributes each time; a
 # short timeout still bounds how stale a view can be after a share or umount flush.
@@ -110,6 +119,7 @@ class Pending:
 @dataclass
 class Stats:
     commits: int = 0
+    deferred: int = 0  # versions kept in the staging area because the upload failed
     failures: list[Pending] = field(default_factory=list)
 
 
@@ -127,9 +137,19 @@ class Filesystem(pyfuse3.Operations):
         read_only: bool = False,
         statfs_path: str = "/",
         journal: AuditLog | None = None,
+        pending: PendingStore | None = None,
+        renew_api: Callable[[], str] | None = None,
+        retry_interval: float = 5.0,
     ) -> None:
         super().__init__()
         self.journal = journal
+        self.pending_store = pending
+        self.renew_api = renew_api
+        self.retry_interval = retry_interval
+        self._pending: dict[int, PendingRecord] = {}
+        self._commit_locks: dict[int, trio.Lock] = {}
+        self._last_trouble = 0.0
+        self._suspect = False  # a read failed: check the node (and restart it if it is ours)
         self.manifest = manifest
         self.owner = owner
         self.reader = reader
@@ -153,21 +173,132 @@ class Filesystem(pyfuse3.Operations):
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        for inode in self.manifest.orphans():  # unlinked while open when a previous run died
-            self._free(inode.ino)
+        if self.pending_store is not None:
+            for record in self.pending_store.load():
+                older = self._pending.get(record.ino)
+                if self.manifest.get(record.ino) is None:
+                    self.pending_store.remove(record)  # its file was deleted meanwhile
+                elif (
+                    older is None or record.meta.stat().st_mtime_ns > older.meta.stat().st_mtime_ns
+                ):
+                    if older is not None:
+                        self.pending_store.remove(older)
+                    self._pending[record.ino] = record
+                else:
+                    self.pending_store.remove(record)
+            swept = self.pending_store.sweep(r.spool for r in self._pending.values())
+            if swept:
+                log.info("removed %d unfinished objects from the staging area", swept)
+            if self._pending:
+                log.info("%d versions wait in the staging area for upload", len(self._pending))
+        if not self.read_only:
+            # A file without any version was still being written when a daemon died: it was
+            # never closed, so it never existed for anyone (closed files always have one).
+            for inode in self.manifest.uncommitted_files():
+                if inode.ino not in self._pending:
+                    self._drop_uncommitted(inode)
+            for inode in self.manifest.orphans():  # unlinked while open when a daemon died
+                self._free(inode.ino)
+        nursery.start_soon(self._retry_loop)
+
+    def _drop_uncommitted(self, inode: Inode) -> None:
+        path = self.manifest.path_of(inode.ino)
+        parent = self.manifest.parent_of(inode.ino)
+        if path is None or parent is None:
+            return
+        self.manifest.unlink(parent, path.rsplit(b"/", 1)[1], now_ns=time.time_ns())
+        self.manifest.delete_inode(inode.ino)
 
     async def shutdown(self) -> list[Pending]:
-        """Commit every draft still dirty, unpin garbage; return what could not be saved."""
+        """Commit every draft still dirty, try the pending uploads once more, unpin garbage;
+        return what is not on IPFS yet (it stays in the staging area for the next mount)."""
         failed: list[Pending] = []
         for ino in list(self._drafts):
             try:
                 await self._commit(ino)
             except (ContentError, MedfsError) as err:
                 failed.append(Pending(ino, str(err)))
+        error = await self._retry_pending() if self._pending else None
+        for ino in self._pending:
+            failed.append(Pending(ino, f"not uploaded yet ({error}); kept in the staging area"))
         await trio.to_thread.run_sync(self._unpin_sync)
         for draft in self._drafts.values():
             draft.discard()
         return failed
+
+    # -- uploads that wait for the node -----------------------------------------------------------
+
+    async def _keep_pending(self, ino: int, sealed: Sealed, mtime_ns: int) -> None:
+        if self.pending_store is None:
+            with contextlib.suppress(FileNotFoundError):
+                sealed.spool.unlink()
+            raise ContentError(f"cannot upload the new version: {sealed.error}")
+        record = await trio.to_thread.run_sync(self.pending_store.save, ino, sealed, mtime_ns)
+        older = self._pending.get(ino)
+        self._pending[ino] = record
+        if older is not None:
+            self.pending_store.remove(older)
+        self.stats.deferred += 1
+        log.warning(
+            "upload of a new version of inode %d failed (%s); it is kept encrypted in the"
+            " staging area and will be uploaded when the node answers", ino, sealed.error,
+        )  # fmt: skip
+
+    async def _retry_loop(self) -> None:
+        while True:
+            await trio.sleep(self.retry_interval)
+            if self._pending:
+                await self._retry_pending()
+            elif self._suspect:
+                self._suspect = False
+                try:
+                    await trio.to_thread.run_sync(self.ipfs.version)
+                except IPFSError as err:
+                    await self._node_trouble(err)
+
+    def _upload_spool(self, record: PendingRecord) -> str:
+        with open(record.spool, "rb") as fh:
+            return self.ipfs.add(fh)
+
+    async def _retry_pending(self) -> str | None:
+        """Upload and commit what waits in the staging area; the error that stopped it."""
+        assert self.pending_store is not None
+        for ino, record in list(self._pending.items()):
+            try:
+                cid = await trio.to_thread.run_sync(self._upload_spool, record)
+            except IPFSError as err:
+                await self._node_trouble(err)
+                return err.message
+            async with self._commit_locks.setdefault(ino, trio.Lock()):
+                if self._pending.get(ino) is not record or self.manifest.get(ino) is None:
+                    self._discard_later([cid])  # superseded or deleted while it was uploading
+                    continue
+                await self._publish(ino, cid, record.key, record.salt, record.size, record.mtime_ns)
+                draft = self._drafts.get(ino)
+                if draft is not None:
+                    async with draft.lock:
+                        new = Version(cid, record.key, record.salt, record.size)
+                        draft.rebase(record.spool, new)
+                del self._pending[ino]
+                self.pending_store.remove(record)
+            log.info("inode %d: the version kept in the staging area is now uploaded", ino)
+        return None
+
+    async def _node_trouble(self, err: IPFSError) -> None:
+        now = time.monotonic()
+        if now - self._last_trouble > 60:
+            log.warning("the IPFS node does not answer: %s", err.message)
+            self._last_trouble = now
+        if self.renew_api is None:
+            return
+        try:
+            api = await trio.to_thread.run_sync(self.renew_api)
+        except MedfsError as renew_err:
+            log.warning("cannot restart the embedded IPFS node: %s", renew_err.message)
+            return
+        if api != self.ipfs.api:
+            log.info("the embedded IPFS node is back at %s", api)
+            self.ipfs.retarget(api)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -192,6 +323,9 @@ class Filesystem(pyfuse3.Operations):
         if draft is not None:
             attrs.st_size = draft.size
             attrs.st_mtime_ns = draft.mtime_ns or inode.mtime_ns
+        elif inode.ino in self._pending:
+            attrs.st_size = self._pending[inode.ino].size
+            attrs.st_mtime_ns = self._pending[inode.ino].mtime_ns
         else:
             attrs.st_size = inode.size
             attrs.st_mtime_ns = inode.mtime_ns
@@ -217,7 +351,10 @@ class Filesystem(pyfuse3.Operations):
             raise _fail(errno.EINVAL)
 
     def _version(self, inode: Inode) -> Version | None:
-        """The current committed version with its content key, or None for no object yet."""
+        """The current version with its content key, or None for no object yet."""
+        record = self._pending.get(inode.ino)
+        if record is not None:
+            return record.version()
         if inode.cid is None or inode.salt is None:
             return None
         cached = self._versions.get(inode.ino)
@@ -256,39 +393,48 @@ class Filesystem(pyfuse3.Operations):
         return {r.fingerprint: recipients.wrap(key, r, context).to_bytes() for r in to}
 
     async def _commit(self, ino: int) -> None:
+        # One commit per file at a time, from upload to manifest: otherwise two saves racing
+        # could record the older version last and unpin the newer one.
+        async with self._commit_locks.setdefault(ino, trio.Lock()):
+            await self._commit_locked(ino)
+
+    async def _commit_locked(self, ino: int) -> None:
         draft = self._drafts.get(ino)
         if draft is None:
             return
-        result = await draft.commit()
-        if result is None:
+        sealed = await draft.commit()
+        if sealed is None:
             return
-        uploaded, key = result
+        mtime_ns = draft.mtime_ns or time.time_ns()
+        if sealed.cid is None:
+            await self._keep_pending(ino, sealed, mtime_ns)
+            return
+        garbage = draft.take_garbage()
+        await self._publish(ino, sealed.cid, sealed.key, sealed.salt, sealed.size, mtime_ns)
+        self._discard_later(garbage)
+        older = self._pending.pop(ino, None)
+        if older is not None and self.pending_store is not None:
+            self.pending_store.remove(older)  # superseded by what was just committed
+
+    async def _publish(
+        self, ino: int, cid: str, key: bytes, salt: bytes, size: int, mtime_ns: int
+    ) -> None:
+        """Make an uploaded object the file's version: wraps, manifest, audit, old unpinned."""
         inode = self._inode(ino)
         to = self._recipients(ino)  # the manifest is read on this thread only
-        wraps = await trio.to_thread.run_sync(
-            self._wrap_all, to, inode.entry_id, key, uploaded.salt
-        )
+        wraps = await trio.to_thread.run_sync(self._wrap_all, to, inode.entry_id, key, salt)
         now = time.time_ns()
         old = self.manifest.commit_version(
-            ino,
-            cid=uploaded.cid,
-            salt=uploaded.salt,
-            size=uploaded.size,
-            format=format.VERSION,
-            mtime_ns=draft.mtime_ns or now,
-            version_ns=now,
-            wraps=wraps,
-        )
-        self._versions[ino] = Version(uploaded.cid, key, uploaded.salt, uploaded.size)
+            ino, cid=cid, salt=salt, size=size, format=format.VERSION, mtime_ns=mtime_ns,
+            version_ns=now, wraps=wraps,
+        )  # fmt: skip
+        self._versions[ino] = Version(cid, key, salt, size)
         self.stats.commits += 1
         await self._record(
-            "version", cid=uploaded.cid, path=self._path(ino), size=uploaded.size,
-            recipients=sorted(wraps),
-        )  # fmt: skip
-        garbage = draft.take_garbage()
-        if old is not None and old != uploaded.cid:
-            garbage.append(old)
-        self._discard_later(garbage)
+            "version", cid=cid, path=self._path(ino), size=size, recipients=sorted(wraps)
+        )
+        if old is not None and old != cid:
+            self._discard_later([old])
 
     def _discard_later(self, cids: Sequence[str]) -> None:
         self._garbage.extend(cids)
@@ -310,6 +456,10 @@ class Filesystem(pyfuse3.Operations):
 
     def _free(self, ino: int) -> None:
         self._unlinked.discard(ino)
+        self._commit_locks.pop(ino, None)
+        record = self._pending.pop(ino, None)
+        if record is not None and self.pending_store is not None:
+            self.pending_store.remove(record)
         inode = self.manifest.delete_inode(ino)
         self._versions.pop(ino, None)
         draft = self._drafts.pop(ino, None)
@@ -644,8 +794,19 @@ class Filesystem(pyfuse3.Operations):
             handle.ahead = min(MAX_READAHEAD, max(4, handle.ahead * 2))
         else:
             handle.ahead = 0
-        data = await self.reader.read(version, off, size, handle.ahead)
+        try:
+            data = await self.reader.read(version, off, size, handle.ahead)
+        except ContentError:
+            self._suspect = True
+            raise
         handle.next_offset = off + len(data)
+        if handle.ahead >= PREFETCH_AFTER and self._nursery is not None and data:
+            # Keep the next window coming while this one is read: fetch and decrypt overlap
+            # with the reader instead of stalling it at every window boundary.
+            current = (off + len(data)) // SEG
+            self._nursery.start_soon(
+                self.reader.prefetch, version, current + 1, current + 2 * handle.ahead
+            )
         return data
 
     @_op
@@ -684,7 +845,8 @@ class Filesystem(pyfuse3.Operations):
         if not self._open[ino]:
             del self._open[ino]
             draft = self._drafts.get(ino)
-            if draft is not None and not draft.dirty:
+            committing = ino in self._commit_locks and self._commit_locks[ino].locked()
+            if draft is not None and not draft.dirty and not committing:
                 # Clean: the manifest has everything; give back staging space and memory.
                 self._discard_later(draft.take_garbage())
                 draft.discard()
@@ -709,7 +871,8 @@ class Filesystem(pyfuse3.Operations):
                 "mtime_ns": node.mtime_ns,
                 "format": node.format,
                 "recipients": sorted(self.manifest.wraps(inode)),
-                "pending": inode in self._drafts and self._drafts[inode].dirty,
+                "pending": inode in self._pending
+                or (inode in self._drafts and self._drafts[inode].dirty),
             }
             return json.dumps(info).encode()
         raise _fail(pyfuse3.ENOATTR)

@@ -126,6 +126,7 @@ class IPFS:
         """Borrow a session for one request; failures come out as IPFSError."""
         with self._lock:
             client = self._idle.pop() if self._idle else None
+            api = self.api
         if client is None:
             client = self._new_client()
         ok = False
@@ -137,7 +138,7 @@ class IPFS:
             # A session whose request failed may hold a broken connection: drop it.
             if ok:
                 with self._lock:
-                    if len(self._idle) < MAX_IDLE_SESSIONS:
+                    if len(self._idle) < MAX_IDLE_SESSIONS and api == self.api:
                         self._idle.append(client)
                         client = None
             if client is not None:
@@ -168,6 +169,14 @@ class IPFS:
             return client._client.request(
                 path, args, opts=opts, decoder="json", timeout=self.timeout
             )
+
+    def retarget(self, api: str) -> None:
+        """Talk to `api` from now on (the embedded node came back on another port)."""
+        with self._lock:
+            self.api = api
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
 
     def close(self) -> None:
         with self._lock:
@@ -207,9 +216,12 @@ class IPFS:
             "quieter": "true",
         }
         with self._call("add data") as client:
+            # A socket timeout, not a deadline: a long upload is fine while bytes flow. Kubo
+            # answers shortly after the last byte, so a silent node is caught within it.
             result = client._client.request(
-                "/add", decoder="json", data=body, headers=headers, opts=opts, timeout=None
-            )
+                "/add", decoder="json", data=body, headers=headers, opts=opts,
+                timeout=max(self.timeout, 30.0),
+            )  # fmt: skip
         return str(result[-1]["Hash"])
 
     def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -196,6 +197,13 @@ class EmbeddedNode:
         self._ipfs("init", "--profile=test", "--empty-repo")
         for key, value in PRIVATE_CONFIG:
             self._ipfs("config", "--json", key, value)
+        # The test profile writes blocks without fsync. medfs commits a version only after its
+        # blocks are added, so they must survive a power cut as well as the manifest does.
+        spec = json.loads(self._ipfs("config", "Datastore.Spec"))
+        for mount in spec.get("mounts", []):
+            if mount.get("type") == "flatfs":
+                mount["sync"] = True
+        self._ipfs("config", "--json", "Datastore.Spec", json.dumps(spec))
 
     def pid(self) -> int | None:
         try:

@@ -558,6 +558,15 @@ class Manifest:
         rows = self._conn.execute(_ORPHANS)
         return [_inode(row) for row in rows]
 
+    def uncommitted_files(self) -> list[Inode]:
+        """Linked files without any version: created by a daemon that died before they were
+        closed. (A closed file always has one, an empty file too.)"""
+        rows = self._conn.execute(
+            f"SELECT {_INODE} FROM inodes i JOIN dirents d ON d.ino = i.ino"  # noqa: S608
+            " WHERE i.kind = 'file' AND i.cid IS NULL ORDER BY i.ino"
+        )
+        return [_inode(row) for row in rows]
+
     def resolve(self, path: str | bytes) -> Inode | None:
         """The inode at `path` ('/a/b' or 'a/b', from the root), or None. Symlinks are not
         followed; '.' and '..' are understood."""
@@ -611,6 +620,20 @@ class Manifest:
         """Every CID the manifest refers to (what must stay pinned)."""
         rows = self._conn.execute("SELECT cid FROM inodes WHERE cid IS NOT NULL")
         return {cid for (cid,) in rows}
+
+    def serialize(self) -> bytes:
+        """A consistent copy of the whole database file, as bytes (for manifest snapshots).
+
+        SQLite's online backup copies every page within one read transaction, so the copy is
+        one committed state even while this or another connection writes. Nothing touches the
+        disk: the copy is built in memory.
+        """
+        copy = sqlite3.connect(":memory:")
+        try:
+            self._conn.backup(copy)
+            return copy.serialize()
+        finally:
+            copy.close()
 
     def statistics(self) -> Stats:
         """(files, directories including the root, bytes in files), over all inodes."""

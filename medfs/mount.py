@@ -10,6 +10,7 @@ commit what is left and exit, then reads the daemon's report.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -26,18 +27,20 @@ from typing import BinaryIO
 import pyfuse3
 import trio
 
-from medfs import audit, state
+from medfs import audit, backup, state
 from medfs.audit import AuditLog
-from medfs.content import Reader, SegmentCache, Staging
+from medfs.content import PendingStore, Reader, SegmentCache, Staging, pending_key
 from medfs.errors import MedfsError, UsageError
 from medfs.fs import Filesystem, Pending
 from medfs.ipfs import IPFS
+from medfs.kubo import EmbeddedNode
 
 log = logging.getLogger(__name__)
 
 CACHE_BYTES = 64 << 20
 STAGING_LIMIT = 8 << 30
 READY_TIMEOUT = 120.0
+DEFAULT_READ_TIMEOUT = 10.0
 
 
 class MountError(MedfsError):
@@ -50,6 +53,11 @@ class MountOptions:
     api: str
     read_only: bool = False
     allow_other: bool = False
+    # A read of data the node cannot deliver fails with EIO after this many seconds.
+    timeout: float = DEFAULT_READ_TIMEOUT
+    # The state directory of the embedded node in use, if any: the daemon restarts that node
+    # when it stops answering (its API port changes, which the daemon then follows).
+    node_state: Path | None = None
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -58,7 +66,26 @@ def check_mountpoint(path: Path) -> Path:
         raise UsageError(f"mount point {path} is not a directory")
     if os.path.ismount(path):
         raise MountError(f"{path} is already a mount point", hint=f"medfs umount {path}")
+    if any(path.iterdir()):
+        raise UsageError(
+            f"mount point {path} is not empty: mounting would hide its files",
+            hint="use an empty directory",
+        )
     return path
+
+
+def staging_limit() -> int:
+    """The staging area's size limit: $MEDFS_STAGING_LIMIT bytes, else STAGING_LIMIT."""
+    raw = os.environ.get("MEDFS_STAGING_LIMIT")
+    if raw is None:
+        return STAGING_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"MEDFS_STAGING_LIMIT must be a positive number of bytes, not {raw!r}")
+    return value
 
 
 def fsname(layout: state.Layout) -> str:
@@ -84,14 +111,14 @@ def serve(
         session = state.unlock(layout, passphrase)
         owner, manifest = session.owner, session.manifest
         stack.callback(manifest.close)
-        ipfs = IPFS(options.api)
+        ipfs = IPFS(options.api, timeout=options.timeout)
         stack.callback(ipfs.close)
         ipfs.version()  # fail now, with the node's address in the message, not at first read
         journal = AuditLog(
             audit.log_path(layout.root), owner, audit.audit_key(session.manifest_key)
         )
         stack.callback(journal.close)
-        staging = Staging(layout.staging, STAGING_LIMIT)
+        staging = Staging(layout.staging, staging_limit())
         fs = Filesystem(
             manifest,
             owner,
@@ -100,6 +127,8 @@ def serve(
             read_only=options.read_only,
             statfs_path=str(layout.root),
             journal=journal,
+            pending=PendingStore(layout.staging, pending_key(session.manifest_key)),
+            renew_api=_renewer(options.node_state),
         )
         fuse_options = set(pyfuse3.default_options)
         fuse_options |= {f"fsname={fsname(layout)}", "subtype=medfs"}
@@ -109,12 +138,15 @@ def serve(
             fuse_options.add("allow_other")
         with contextlib.suppress(FileNotFoundError):
             report_path(layout).unlink()
+        # -- manifest backups (issue #7): a bad $MEDFS_BACKUP_MINUTES fails before mounting --
+        interval = None if options.read_only else backup.interval_seconds()
+        periodic = _periodic_backups(session, layout, ipfs, interval)
         pyfuse3.init(fs, str(options.mountpoint), fuse_options)
         log.info("mounted %s (api %s)", options.mountpoint, options.api)
         journal.append("mount", mountpoint=str(options.mountpoint), read_only=options.read_only)
         try:
             ready()
-            pending = trio.run(_main, fs)
+            pending = trio.run(_main, fs, periodic)
         except BaseException:
             pyfuse3.close(unmount=False)
             raise
@@ -123,6 +155,8 @@ def serve(
         journal.append(
             "unmount", mountpoint=str(options.mountpoint), pending=[p.ino for p in pending]
         )
+        if not options.read_only:
+            _back_up(session, layout, ipfs)  # manifest backups (issue #7)
         try:
             # Anchoring the head on IPFS makes cutting entries off the log's end detectable.
             anchor = journal.anchor(ipfs)
@@ -134,10 +168,78 @@ def serve(
         return pending
 
 
-async def _main(fs: Filesystem) -> list[Pending]:
+def _renewer(node_state: Path | None) -> Callable[[], str] | None:
+    if node_state is None:
+        return None
+    return EmbeddedNode(node_state).ensure_running
+
+
+# -- manifest backups (issue #7; see medfs/backup.py) ------------------------------------------
+
+
+def _back_up(session: state.Session, layout: state.Layout, ipfs: IPFS) -> None:
+    """The umount snapshot. A failure is logged and never fails the umount: the records are
+    committed already, and the next umount (or 'medfs backup') tries again."""
+    try:
+        taken = backup.upload(session, layout, ipfs, force=False)
+    except MedfsError as err:
+        log.warning("could not back up the manifest: %s", err.message)
+        return
+    except Exception:
+        log.exception("could not back up the manifest")
+        return
+    if taken is None:
+        log.info("manifest unchanged since its last snapshot")
+    else:
+        log.info("manifest snapshot %s (%d entries)", taken.cid, taken.entries)
+
+
+def _periodic_backups(
+    session: state.Session,
+    layout: state.Layout,
+    ipfs: IPFS,
+    interval: float | None,
+) -> Callable[[], Awaitable[None]] | None:
+    """A trio task that snapshots the manifest every `interval` seconds while mounted."""
+    if interval is None:
+        return None
+
+    async def run() -> None:
+        while True:
+            await trio.sleep(interval)
+            # The copy is taken here, on the trio thread, because the manifest's SQLite
+            # connection belongs to it (and a local copy is quick); only sealing and the upload
+            # go to a worker thread, so FUSE requests are never stalled by them.
+            copy = backup.copy_manifest(session.manifest)
+            publish = functools.partial(
+                backup.publish, copy, session.owner, layout, ipfs, force=False
+            )
+            try:
+                taken = await trio.to_thread.run_sync(publish)
+            except MedfsError as err:
+                log.warning("could not back up the manifest: %s", err.message)
+                continue
+            except Exception:
+                # A failed backup must never bring the mount down with it.
+                log.exception("could not back up the manifest")
+                continue
+            if taken is not None:
+                log.info("manifest snapshot %s (%d entries)", taken.cid, taken.entries)
+
+    return run
+
+
+# -- end of manifest backups ---------------------------------------------------------------------
+
+
+async def _main(
+    fs: Filesystem, periodic: Callable[[], Awaitable[None]] | None = None
+) -> list[Pending]:
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
         nursery.start_soon(_terminate_on_signals)
+        if periodic is not None:
+            nursery.start_soon(periodic)
         await pyfuse3.main()
         pending = await fs.shutdown()
         nursery.cancel_scope.cancel()
@@ -163,6 +265,9 @@ def spawn_daemon(layout: state.Layout, options: MountOptions, passphrase: str) -
         sys.executable, "-m", "medfs", "mount", str(options.mountpoint), "--foreground",
         "--state", str(layout.root), "--api", options.api, "--daemon-ready-fd", str(ready_w),
     ]  # fmt: skip
+    argv += ["--timeout", str(options.timeout)]
+    if options.node_state is not None:
+        argv += ["--node-state", str(options.node_state)]
     if options.read_only:
         argv += ["-o", "ro"]
     if options.allow_other:

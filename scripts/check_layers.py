@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
     {"identity"},
     {"audit"},
     {"state", "fs", "sharing"},
-    {"mount", "access"},
+    {"backup"},
+    {"mount", "access", "verify"},
     {"cli"},
 ]
 FENCED = {"ipfshttpclient": {"ipfs"}, "pyfuse3": {"fs", "mount"}}

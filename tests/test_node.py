@@ -104,6 +104,8 @@ def test_node_is_private_and_loopback_only(state: Path) -> None:
     assert config["AutoConf"]["Enabled"] is False
     assert all(a.startswith("/ip4/127.0.0.1/") for a in config["Addresses"]["Swarm"])
     assert config["Addresses"]["Gateway"] == []
+    blocks = [m for m in config["Datastore"]["Spec"]["mounts"] if m["type"] == "flatfs"]
+    assert blocks and all(m["sync"] is True for m in blocks)  # blocks are fsynced
     addresses = IPFS(api).id().addresses
     assert addresses and all(a.startswith("/ip4/127.0.0.1/") for a in addresses)
     assert IPFS(api).swarm_peers() == []

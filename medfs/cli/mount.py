@@ -43,6 +43,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "--peer", action="append", default=[], metavar="MULTIADDR",
         help="connect to this node first (to fetch a manifest given by CID)",
     )  # fmt: skip
+    mnt.add_argument(
+        "--timeout", type=float, metavar="SECONDS",
+        default=float(os.environ.get("MEDFS_IPFS_TIMEOUT", mount.DEFAULT_READ_TIMEOUT)),
+        help="a read the IPFS node cannot serve fails (EIO) after this long"
+        " (default: $MEDFS_IPFS_TIMEOUT, else %(default)s)",
+    )  # fmt: skip
+    mnt.add_argument("--node-state", help=argparse.SUPPRESS)
     # Internal: the background daemon reports readiness on this fd and reads the passphrase
     # from stdin.
     mnt.add_argument("--daemon-ready-fd", type=int, help=argparse.SUPPRESS)
@@ -108,7 +115,7 @@ def _accept_share(
     key = Path(args.key) if args.key else state.key_path(layout)
     recipient = identity.read_key_file(key, passphrase)
     issuer = identity.read_public_file(args.issuer)
-    ipfs = IPFS(api)
+    ipfs = IPFS(api, timeout=args.timeout)
     try:
         for peer in args.peer:
             ipfs.swarm_connect(peer)
@@ -164,8 +171,9 @@ def run_mount(args: argparse.Namespace) -> int:
         api = resolve_api(layout.root, args.api)
         layout = _accept_share(args, layout, passphrase, api)
         mount_options = mount.MountOptions(
-            mountpoint=mountpoint, api=api, read_only=True, allow_other="allow_other" in options
-        )
+            mountpoint=mountpoint, api=api, read_only=True, allow_other="allow_other" in options,
+            timeout=args.timeout, node_state=None if args.api else layout.root.parent.parent,
+        )  # fmt: skip
         return _start(args, layout, mount_options, passphrase)
     holder = state.holder(layout)
     if holder:
@@ -180,6 +188,8 @@ def run_mount(args: argparse.Namespace) -> int:
         api=resolve_api(layout.root, args.api),
         read_only="ro" in options,
         allow_other="allow_other" in options,
+        timeout=args.timeout,
+        node_state=None if args.api else layout.root,
     )
     return _start(args, layout, mount_options, passphrase)
 
@@ -231,6 +241,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
             api=args.api,
             read_only="ro" in options,
             allow_other="allow_other" in options,
+            timeout=args.timeout,
+            node_state=Path(args.node_state) if args.node_state else None,
         )
         pending = mount.serve(layout, mount_options, passphrase, ready=lambda: report({"ok": 1}))
     except MedfsError as err:
@@ -255,7 +267,14 @@ def run_umount(args: argparse.Namespace) -> int:
 def _report_pending(pending: list[str]) -> int:
     if not pending:
         return 0
-    print("medfs: error: these files could not be saved to IPFS:", file=sys.stderr)
+    print(
+        "medfs: error: not on IPFS yet (encrypted copies stay in the staging area;"
+        " the next mount uploads them):",
+        file=sys.stderr,
+    )
     for item in pending:
         print(f"  {item}", file=sys.stderr)
+    print(
+        "medfs: hint: check the IPFS node ('medfs node status'), then mount again", file=sys.stderr
+    )
     return PENDING_EXIT

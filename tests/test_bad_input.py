@@ -1,0 +1,223 @@
+"""One test per row of docs/ERRORS.md: a clear message, a distinct code or errno, nothing lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from medfs.kubo import EmbeddedNode
+from tests.conftest import run_medfs
+from tests.mounting import PASSPHRASE, Mounted, init_state, mounted
+
+FUSE = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+def env_for(state: Path, **extra: str) -> dict[str, str]:
+    return {"MEDFS_STATE": str(state), "MEDFS_PASSPHRASE": PASSPHRASE, **extra}
+
+
+def assert_clean_error(out: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert out.stderr.startswith("medfs: error: "), out.stderr
+    assert text in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("keys")
+    out = run_medfs("keygen", "--out", str(root / "alice"), env={"MEDFS_PASSPHRASE": PASSPHRASE})
+    assert out.returncode == 0, out.stderr
+    return root
+
+
+def test_wrong_passphrase(tmp_path: Path, keys: Path) -> None:
+    out = run_medfs("init", "--key", str(keys / "alice.key"),
+                    env=env_for(tmp_path / "s", MEDFS_PASSPHRASE="not it"))  # fmt: skip
+    assert_clean_error(out, 6, "wrong passphrase")
+    assert not (tmp_path / "s" / "config.json").exists()
+
+
+def test_key_file_readable_by_others(tmp_path: Path, keys: Path) -> None:
+    loose = tmp_path / "loose.key"
+    loose.write_bytes((keys / "alice.key").read_bytes())
+    loose.chmod(0o644)
+    out = run_medfs("init", "--key", str(loose), env=env_for(tmp_path / "s"))
+    assert_clean_error(out, 5, "accessible by group or others")
+    assert "chmod 600" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB user@host\n",  # foreign
+        "medfs public identity v1\nfingerprint: medfs1xxxx\n",  # malformed
+        "",
+    ],
+)
+def test_malformed_or_foreign_public_file(tmp_path: Path, content: str) -> None:
+    pub = tmp_path / "x.pub"
+    pub.write_text(content)
+    out = run_medfs("id", str(pub))
+    assert out.returncode == 5, out.stderr
+    assert out.stderr.startswith("medfs: error: ") and "Traceback" not in out.stderr
+
+
+def test_truncated_identity_file(tmp_path: Path, keys: Path) -> None:
+    cut = tmp_path / "cut.key"
+    cut.write_bytes((keys / "alice.key").read_bytes()[:150])
+    cut.chmod(0o600)
+    out = run_medfs("init", "--key", str(cut), env=env_for(tmp_path / "s"))
+    assert_clean_error(out, 5, "malformed key file")
+
+
+@FUSE
+def test_corrupt_manifest_database(tmp_path: Path, kubo_api: str) -> None:
+    state = tmp_path / "state"
+    init_state(state)
+    db = state / "manifest.db"
+    db.write_bytes(b"this is not SQLite" * 100)
+    before = db.read_bytes()
+    (tmp_path / "mnt").mkdir()
+    out = run_medfs("mount", str(tmp_path / "mnt"), "--api", kubo_api, env=env_for(state))
+    assert_clean_error(out, 7, "not a medfs manifest")
+    assert db.read_bytes() == before  # refused, not "repaired" into an empty one
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
+@FUSE
+def test_share_manifest_cid_on_no_reachable_node(tmp_path: Path, kubo_api: str, keys: Path) -> None:
+    state = tmp_path / "state"
+    init_state(state)
+    (tmp_path / "mnt").mkdir()
+    missing = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"  # "hello" + nobody
+    out = run_medfs(
+        "mount", str(tmp_path / "mnt"), "--manifest", missing, "--from", str(keys / "alice.pub"),
+        "--api", kubo_api, "--timeout", "2", env=env_for(state), timeout=120,
+    )  # fmt: skip
+    assert_clean_error(out, 3, "did not answer within 2 s")
+
+
+@FUSE
+def test_flipped_bits_on_the_node(tmp_path: Path) -> None:
+    node = EmbeddedNode(tmp_path / "state")
+    m = Mounted(node.state, tmp_path / "mnt", "")
+    m.mnt.mkdir()
+    init_state(m.state)
+    out = run_medfs("mount", str(m.mnt), env=m.env)
+    assert out.returncode == 0, out.stderr
+    try:
+        data = os.urandom(3 * 65536 + 100)
+        (m.mnt / "scan.dcm").write_bytes(data)
+        m.umount()
+        block = next(
+            p for p in (node.repo / "blocks").rglob("*.data")
+            if p.read_bytes().startswith(b"MEDFSOBJ") and p.stat().st_size == 42 + len(data) + 64
+        )  # fmt: skip
+        raw = bytearray(block.read_bytes())
+        raw[42 + 65552 + 1000] ^= 0x40  # inside segment 1
+        block.write_bytes(bytes(raw))
+        out = run_medfs("mount", str(m.mnt), env=m.env)
+        assert out.returncode == 0, out.stderr
+        with open(m.mnt / "scan.dcm", "rb") as fh:
+            assert os.pread(fh.fileno(), 65536, 0) == data[:65536]  # segment 0 reads
+            assert os.pread(fh.fileno(), 100, 3 * 65536) == data[3 * 65536 :]  # the last too
+            with pytest.raises(OSError) as info:
+                os.pread(fh.fileno(), 4096, 65536 + 500)
+            assert info.value.errno == errno.EIO
+        assert "fails authentication" in (m.state / "mount.log").read_text()
+        out = run_medfs("verify", "--deep", "--json", env=m.env)
+        assert out.returncode == 14, out.stderr
+        assert "corrupt" in out.stdout
+        m.umount()
+    finally:
+        m.force_cleanup()
+        node.stop()
+
+
+@FUSE
+def test_mountpoint_missing_not_empty_or_mounted(tmp_path: Path, kubo_api: str) -> None:
+    state = tmp_path / "state"
+    init_state(state)
+    env = env_for(state)
+    out = run_medfs("mount", str(tmp_path / "missing"), "--api", kubo_api, env=env)
+    assert_clean_error(out, 2, "is not a directory")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "a-file").write_text("mine")
+    out = run_medfs("mount", str(busy), "--api", kubo_api, env=env)
+    assert_clean_error(out, 2, "is not empty")
+    assert (busy / "a-file").read_text() == "mine"
+    with mounted(tmp_path / "other", kubo_api) as m:
+        out = run_medfs("mount", str(m.mnt), "--api", kubo_api, env=env)
+        assert_clean_error(out, 9, "already a mount point")
+
+
+@FUSE
+def test_state_directory_locked_by_another_mount(tmp_path: Path, kubo_api: str) -> None:
+    with mounted(tmp_path, kubo_api) as m:
+        second = tmp_path / "second"
+        second.mkdir()
+        out = m.medfs("mount", str(second), "--api", kubo_api)
+        assert_clean_error(out, 9, "already mounted")
+        assert f"pid {m.daemon_pid()}" in out.stderr
+
+
+@FUSE
+def test_staging_full(tmp_path: Path, kubo_api: str) -> None:
+    state = tmp_path / "state"
+    init_state(state)
+    m = Mounted(state, tmp_path / "mnt", kubo_api)
+    m.mnt.mkdir()
+    out = run_medfs("mount", str(m.mnt), "--api", kubo_api,
+                    env=env_for(state, MEDFS_STAGING_LIMIT=str(1 << 20)))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    try:
+        (m.mnt / "kept.txt").write_bytes(b"stored before")
+        fd = os.open(m.mnt / "sparse.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            with pytest.raises(OSError) as info:
+                for i in range(64):  # random writes go to the staging area: 64 KiB records
+                    os.pwrite(fd, b"x" * 100, (63 - i) * 65536)
+            assert info.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert (m.mnt / "kept.txt").read_bytes() == b"stored before"
+        m.umount()
+    finally:
+        m.force_cleanup()
+
+
+@FUSE
+def test_name_too_long(tmp_path: Path, kubo_api: str) -> None:
+    with mounted(tmp_path, kubo_api) as m:
+        with pytest.raises(OSError) as info:
+            (m.mnt / ("n" * 256)).write_bytes(b"")
+        assert info.value.errno == errno.ENAMETOOLONG
+
+
+@FUSE
+def test_kubo_answering_with_errors(tmp_path: Path, kubo_api: str, keys: Path) -> None:
+    state = tmp_path / "state"
+    init_state(state)
+    out = run_medfs(
+        "share", "/nothing-here", "--to", str(keys / "alice.pub"), "--api", kubo_api,
+        env=env_for(state),
+    )  # fmt: skip
+    assert_clean_error(out, 2, "no such file or directory in medfs")
+    (tmp_path / "mnt").mkdir()
+    out = run_medfs(
+        "mount", str(tmp_path / "mnt"), "--manifest", "not-a-cid", "--from",
+        str(keys / "alice.pub"), "--api", kubo_api, env=env_for(state),
+    )  # fmt: skip
+    assert_clean_error(out, 2, "not a CID")
+    out = run_medfs(
+        "mount", str(tmp_path / "mnt"), "--manifest", "bafyNOTAVALIDCID", "--from",
+        str(keys / "alice.pub"), "--api", kubo_api, env=env_for(state),
+    )  # fmt: skip
+    assert_clean_error(out, 3, "refused to read bafyNOTAVALIDCID")
+    assert not os.path.ismount(tmp_path / "mnt")
