@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 SEG = layout.SEGMENT_SIZE
 # Sequential reads fetch ahead in growing windows up to this many segments (4 MiB).
 MAX_READAHEAD = 64
-# How many write chunks may wait for the uploader before a writer blocks (about 16 MiB).
-UPLOAD_QUEUE = 16
+# How many write chunks may wait for the sealer before a writer blocks (8 MiB of 128 KiB writes).
+UPLOAD_QUEUE = 64
 # How many segments an overlay commit reads from its base in one range request.
 COMMIT_BATCH = 64
 
@@ -151,6 +151,9 @@ class Reader:
         self.cache = cache
         # Segments being fetched in the background, so a read waits instead of fetching twice.
         self._inflight: dict[tuple[str, int], trio.Event] = {}
+        # What was fetched from the node: for benchmarks and `user.medfs.stats`.
+        self.fetches = 0
+        self.segments_fetched = 0
 
     def _cached(self, v: Version, first: int, last: int) -> list[bytes] | None:
         out = []
@@ -173,6 +176,8 @@ class Reader:
             start += 1
         stop = min(count - 1, max(last, last + ahead))
         fetched: dict[int, bytes] = {}
+        self.fetches += 1
+        self.segments_fetched += stop - start + 1
         try:
             with _as_content_error(f"cannot read {v.cid}"):
                 data = v.reader(self.ipfs).read(start * SEG, (stop - start + 1) * SEG)
@@ -237,6 +242,10 @@ class Reader:
             self.cache.get(v.cid, start) is not None or (v.cid, start) in self._inflight
         ):
             start += 1
+        if start > first + (last - first) // 2 and start <= last:
+            # Still more than half a window ahead of the reader: wait, and fetch a whole window
+            # later, rather than a sliver now (every round trip to the node costs the same).
+            return
         stop = start
         while (
             stop + 1 <= last

@@ -300,6 +300,8 @@ def test_ls_stat_and_ciphertext_on_ipfs(mnt: Mounted, kubo_node: EmbeddedNode) -
     )
     assert out.stdout.startswith(b"MEDFSOBJ") and MARKER not in out.stdout
     assert len(out.stdout) > len(data)
+    stats = json.loads(os.getxattr(mnt.mnt, "user.medfs.stats"))
+    assert stats["commits"] >= 1 and stats["pending"] == 0
 
 
 def test_big_file(mnt: Mounted, tmp_path: Path) -> None:
