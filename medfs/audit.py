@@ -114,6 +114,9 @@ EVENTS = frozenset(
         "manifest-refused",
         "anchor",
         "recovered",
+        "restored",
+        "export-package",
+        "import-package",
     }
 )
 EVENT_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")

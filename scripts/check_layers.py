@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"audit"},
     {"state", "fs", "sharing"},
     {"backup"},
-    {"mount", "access", "verify"},
+    {"mount", "access", "verify", "package"},
     {"cli"},
 ]
 FENCED = {"ipfshttpclient": {"ipfs"}, "pyfuse3": {"fs", "mount"}}

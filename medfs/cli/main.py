@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from medfs import __version__
-from medfs.cli import audit, backup, inspect, keys, mount, node, share, verify
+from medfs.cli import audit, backup, inspect, keys, mount, node, package, share, verify
 from medfs.errors import MedfsError
 
 # Each command module offers `register(subparsers, common)`; its parsers set `func`.
-COMMAND_MODULES: tuple[ModuleType, ...] = (keys, mount, share, inspect, audit, node, verify, backup)
+COMMAND_MODULES: tuple[ModuleType, ...] = (
+    keys, mount, share, inspect, audit, node, verify, backup, package,
+)  # fmt: skip
 
 
 def common_options() -> argparse.ArgumentParser:
