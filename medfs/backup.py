@@ -16,7 +16,7 @@ adds a snapshot of it to IPFS at every umount and every few minutes while mounte
 The header binds the database through its SHA-256, so the signature covers every byte, and a
 restore refuses a snapshot not signed by the key it is given (SignatureError), one encrypted to
 another identity (NotForIdentityError), and anything altered (FormatError). This is the share
-manifest's envelope (medfs/sharing.py, docs/FORMAT.md §7) with its own magic, context label and
+manifest's envelope (medfs/envelope.py, docs/FORMAT.md §7) with its own magic, context label and
 signature purpose, so neither can ever pass for the other.
 
 The manifest database already keeps names sealed (AES-SIV under the manifest key), and the
@@ -52,25 +52,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from medfs import audit, format, identity, recipients, state
+from medfs import audit, envelope, identity, recipients, state
 from medfs.audit import AuditLog
 from medfs.errors import (
     FormatError,
     KeyFileError,
     MedfsError,
-    NotForIdentityError,
     SignatureError,
     UsageError,
 )
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
 from medfs.manifest import Manifest
-from medfs.recipients import Stanza
 
 log = logging.getLogger(__name__)
 
 MAGIC: Final = b"MEDFSBAK"
-VERSION: Final = 1
+VERSION: Final = envelope.VERSION
 FORMAT_NAME: Final = "medfs-snapshot-v1"
 SIGNATURE_PURPOSE: Final = "manifest-snapshot"
 # The "entry id" of the envelope's wrap: 23 bytes, unlike file entry ids (16), the share
@@ -85,8 +83,6 @@ RESTORED_ANCHORS_NAME: Final = "restored-anchors.json"
 INTERVAL_ENV: Final = "MEDFS_BACKUP_MINUTES"
 DEFAULT_INTERVAL_MINUTES: Final = 10.0
 
-_MAGIC_HEADER = MAGIC + bytes((VERSION,))
-_ENVELOPE_FIXED = len(_MAGIC_HEADER) + 2
 _HEADER_LENGTH_SIZE = 4
 _MAX_HEADER_SIZE = 16 << 20
 _HEADER_KEYS = frozenset(
@@ -180,17 +176,12 @@ def seal(
     )
     signature = signer.sign(SIGNATURE_PURPOSE, header)
     plaintext = len(header).to_bytes(_HEADER_LENGTH_SIZE, "big") + header + signature + copy.data
-    key = format.new_content_key()
-    sealed = format.encrypt_bytes(key, plaintext)
-    salt = format.Header.parse(sealed[: format.HEADER_SIZE]).salt
-    context = recipients.entry_context(ENVELOPE_CONTEXT_ID, salt)
-    stanza = recipients.wrap(key, to.recipient(), context).to_bytes()
-    envelope = _MAGIC_HEADER + len(stanza).to_bytes(2, "big") + stanza + sealed
-    if len(envelope) > MAX_SNAPSHOT_SIZE:
+    data = envelope.seal(MAGIC, ENVELOPE_CONTEXT_ID, plaintext, to)
+    if len(data) > MAX_SNAPSHOT_SIZE:
         raise MedfsError(
-            f"the manifest snapshot would be {len(envelope)} bytes, over {MAX_SNAPSHOT_SIZE}"
+            f"the manifest snapshot would be {len(data)} bytes, over {MAX_SNAPSHOT_SIZE}"
         )
-    return envelope
+    return data
 
 
 def snapshot(session: state.Session, layout: state.Layout) -> bytes:
@@ -229,28 +220,15 @@ def open_snapshot(data: bytes, owner: Identity) -> Snapshot:
     NotForIdentityError: encrypted to another identity. SignatureError: not signed by `owner`.
     FormatError: corrupt, truncated, altered or not a snapshot.
     """
-    if len(data) > MAX_SNAPSHOT_SIZE:
-        raise _fail(f"larger than {MAX_SNAPSHOT_SIZE} bytes")
-    if len(data) < _ENVELOPE_FIXED or data[: len(MAGIC)] != MAGIC:
-        raise FormatError("not a medfs manifest snapshot (bad magic)")
-    if data[len(MAGIC)] != VERSION:
-        raise FormatError(f"unsupported manifest snapshot version {data[len(MAGIC)]}")
-    length = int.from_bytes(data[len(_MAGIC_HEADER) : _ENVELOPE_FIXED], "big")
-    if len(data) < _ENVELOPE_FIXED + length + format.HEADER_SIZE:
-        raise _fail("truncated envelope")
-    raw_stanza = data[_ENVELOPE_FIXED : _ENVELOPE_FIXED + length]
-    stanza = Stanza.from_bytes(raw_stanza)
-    if stanza.to_bytes() != raw_stanza:
-        raise _fail("non-canonical envelope stanza")
-    if stanza.fingerprint != owner.fingerprint:
-        raise NotForIdentityError(
-            f"this snapshot belongs to identity {stanza.fingerprint}, not {owner.fingerprint}",
-            hint="restore with the key file of the identity that owned the state directory",
-        )
-    sealed = data[_ENVELOPE_FIXED + length :]
-    salt = format.Header.parse(sealed[: format.HEADER_SIZE]).salt
-    key = owner.unwrap(stanza, recipients.entry_context(ENVELOPE_CONTEXT_ID, salt))
-    plaintext = format.decrypt_bytes(key, sealed)
+    plaintext = envelope.open(
+        data,
+        MAGIC,
+        ENVELOPE_CONTEXT_ID,
+        owner,
+        what="manifest snapshot",
+        max_size=MAX_SNAPSHOT_SIZE,
+        not_for_hint="restore with the key file of the identity that owned the state directory",
+    )
     if len(plaintext) < _HEADER_LENGTH_SIZE + SIGNATURE_SIZE:
         raise _fail("too short")
     header_size = int.from_bytes(plaintext[:_HEADER_LENGTH_SIZE], "big")

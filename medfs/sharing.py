@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from medfs import format, recipients
+from medfs import envelope, format, recipients
 from medfs.errors import FormatError, KeyFileError, NotForIdentityError, SignatureError
 from medfs.identity import Identity, PublicIdentity
 from medfs.recipients import Stanza
@@ -38,7 +38,7 @@ from medfs.recipients import Stanza
 FORMAT_NAME: Final = "medfs-share-v1"
 SIGNATURE_PURPOSE: Final = "share-manifest"
 MAGIC: Final = b"MEDFSSHR"
-VERSION: Final = 1
+VERSION: Final = envelope.VERSION
 # What the envelope's key wrap is bound to (as the "entry id" of recipients.entry_context). It is
 # 20 bytes, and file entry ids are 16, so a file's wrap can never open as a manifest's, nor back.
 ENVELOPE_CONTEXT_ID: Final = b"medfs share manifest"
@@ -59,9 +59,6 @@ ENTRY_ID_SIZE: Final = 16
 
 KINDS: Final = ("file", "dir", "symlink")
 
-_MAGIC_HEADER = MAGIC + bytes((VERSION,))
-_ENVELOPE_FIXED = len(_MAGIC_HEADER) + 2
-_MAX_STANZA_SIZE = 0xFFFF
 _BODY_LENGTH_SIZE = 4
 # Printable ASCII without space: CIDs and peer IDs are multibase text, addresses are multiaddrs.
 _CID_RE = re.compile(r"[A-Za-z0-9]+")
@@ -471,36 +468,22 @@ def _split_signed(blob: bytes) -> tuple[bytes, bytes]:
 
 
 def _encrypt_envelope(signed_blob: bytes, recipient: PublicIdentity) -> bytes:
-    key = format.new_content_key()
-    sealed = format.encrypt_bytes(key, signed_blob)
-    salt = format.Header.parse(sealed[: format.HEADER_SIZE]).salt
-    context = recipients.entry_context(ENVELOPE_CONTEXT_ID, salt)
-    stanza = recipients.wrap(key, recipient.recipient(), context).to_bytes()
-    data = _MAGIC_HEADER + len(stanza).to_bytes(2, "big") + stanza + sealed
+    data = envelope.seal(MAGIC, ENVELOPE_CONTEXT_ID, signed_blob, recipient)
     if len(data) > MAX_MANIFEST_SIZE:
         raise _fail(f"the sealed manifest would exceed {MAX_MANIFEST_SIZE} bytes")
     return data
 
 
 def _decrypt_envelope(data: bytes, recipient: Identity) -> bytes:
-    if len(data) > MAX_MANIFEST_SIZE:
-        raise _fail(f"larger than {MAX_MANIFEST_SIZE} bytes")
-    if len(data) < _ENVELOPE_FIXED or data[: len(MAGIC)] != MAGIC:
-        raise FormatError("not a medfs share manifest (bad magic)")
-    if data[len(MAGIC)] != VERSION:
-        raise FormatError(f"unsupported share manifest version {data[len(MAGIC)]}")
-    length = int.from_bytes(data[len(_MAGIC_HEADER) : _ENVELOPE_FIXED], "big")
-    if len(data) < _ENVELOPE_FIXED + length + format.HEADER_SIZE:
-        raise _fail("truncated envelope")
-    raw_stanza = data[_ENVELOPE_FIXED : _ENVELOPE_FIXED + length]
-    stanza = Stanza.from_bytes(raw_stanza)
-    if stanza.to_bytes() != raw_stanza:
-        raise _fail("non-canonical envelope stanza")
-    sealed = data[_ENVELOPE_FIXED + length :]
-    salt = format.Header.parse(sealed[: format.HEADER_SIZE]).salt
-    # NotForIdentityError here if the envelope is addressed to someone else.
-    key = recipient.unwrap(stanza, recipients.entry_context(ENVELOPE_CONTEXT_ID, salt))
-    return format.decrypt_bytes(key, sealed)
+    # A stanza for another identity: NotForIdentityError, from the unwrap.
+    return envelope.open(
+        data,
+        MAGIC,
+        ENVELOPE_CONTEXT_ID,
+        recipient,
+        what="share manifest",
+        max_size=MAX_MANIFEST_SIZE,
+    )
 
 
 def _check_pair(manifest: ShareManifest, issuer: PublicIdentity, recipient: PublicIdentity) -> None:

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"format", "kubo"},
     {"recipients", "content"},
     {"identity"},
-    {"audit"},
+    {"audit", "envelope"},
     {"state", "fs", "sharing"},
     {"backup"},
     {"mount", "access", "verify", "package"},
