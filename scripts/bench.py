@@ -1,30 +1,122 @@
 #!/usr/bin/env python3
-"""medfs benchmarks. Every figure is reported next to a baseline measured in the same run.
+"""medfs benchmarks (issue #8). Every figure is reported next to a baseline measured in the same
+run on the same embedded node, as a ratio, and checked against its target where there is one.
 
-Sections:
-  adapter  add/cat of a stream through medfs's IPFS adapter against `ipfs add`/`ipfs cat`
-           of the same bytes on the same node.
-  mount    `cp` of a big file into a medfs mount until it is durable (close returned: the
-           version is added, pinned and committed), and `cat` of it back with the page cache
-           dropped, against `ipfs add` / `ipfs cat` of the same bytes on the same node.
+Sections (run in this order; --only picks some, and a section measures what it needs):
+  adapter    add/cat of a stream through medfs's IPFS adapter against `ipfs add`/`ipfs cat`
+             of the same bytes on the same node.
+  mount      `cp` of a big file (1 GiB) into a medfs mount until it is durable (close returned:
+             the version is added, pinned and committed), and `cat` of it back with the page
+             cache dropped, against `ipfs add` / `ipfs cat` of the same bytes.
+  random     1,000 random 4 KiB O_DIRECT preads in that file on a fresh mount (empty segment
+             cache, page cache dropped): p50/p99 and segments fetched per read, against
+             fetching the whole object per read (what whole-file encryption must do).
+  tree       `cp -r` of 2,000 files of 16 KiB until durable against `ipfs add -r`; `ls -lR`
+             and `find` over them (fresh mount, caches dropped) against the same on local disk.
+  rss        peak RSS of the mount daemon while copying a 4 GiB file, next to a 1 GiB file.
+  share      `medfs share` of 1,000 files with a new recipient.
+  revoke     `medfs revoke` of one recipient from the big file against `cp` of it.
+  gocryptfs  gocryptfs on local disk: the same big write (+ fsync) and cold read.
+  ceilings   raw AES-256-GCM, SHA-256, and a no-op pyfuse3 filesystem (scripts/noop_fs.py):
+             each medfs throughput as a fraction of them.
+
+--quick scales every size down so that the whole run takes under two minutes.
+Needs root for dropping the page cache (/proc/sys/vm/drop_caches) and for FUSE.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from medfs import layout
 from medfs.ipfs import DEFAULT_CHUNKER, IPFS
 from medfs.kubo import EmbeddedNode
 
+KiB = 1 << 10
 MiB = 1 << 20
+GiB = 1 << 30
+SEG = layout.SEGMENT_SIZE
+PASSPHRASE = "bench"
+FILES_PER_DIR = 100
+XATTR_CID = "user.medfs.cid"
+XATTR_STATS = "user.medfs.stats"
+NOOP_FS = Path(__file__).resolve().parent / "noop_fs.py"
+
+
+class BenchError(Exception):
+    """Something went wrong: the run stops and says what, rather than report a wrong figure."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    adapter: int
+    big: int  # the "1 GiB file" of the mount, random, revoke and gocryptfs sections
+    random_reads: int
+    whole_fetches: int
+    small_files: int
+    small_size: int
+    share_files: int
+    rss_small: int
+    rss_big: int
+    noop: int
+    crypto: int
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(
+            adapter=256 * MiB, big=GiB, random_reads=1000, whole_fetches=10, small_files=2000,
+            small_size=16 * KiB, share_files=1000, rss_small=GiB, rss_big=4 * GiB,
+            noop=GiB, crypto=256 * MiB,
+        )  # fmt: skip
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            adapter=32 * MiB, big=64 * MiB, random_reads=100, whole_fetches=3, small_files=200,
+            small_size=16 * KiB, share_files=100, rss_small=64 * MiB, rss_big=256 * MiB,
+            noop=256 * MiB, crypto=64 * MiB,
+        )  # fmt: skip
+
+
+@dataclass
+class Row:
+    section: str
+    measure: str
+    value: float
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    # medfs against the baseline: "throughput" (medfs / baseline, > 1 is faster), "time" or
+    # "memory" (medfs / baseline, < 1 is faster/smaller), "of ceiling" (medfs / ceiling).
+    ratio: float | None = None
+    ratio_of: str = ""
+    target: str = "reported"
+    met: bool | None = None
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def size_label(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n / MiB:.0f} MiB"
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -39,35 +131,211 @@ def file_chunks(path: Path, size: int = MiB) -> Iterator[bytes]:
             yield chunk
 
 
-def bench_adapter(node: EmbeddedNode, api: str, size: int, work: Path) -> list[dict[str, object]]:
-    ipfs = IPFS(api, timeout=300)
-    src = work / "payload"
-    with open(src, "wb") as fh:
-        for _ in range(size // MiB):
-            fh.write(os.urandom(MiB))
-    env = {**os.environ, "IPFS_PATH": str(node.repo)}
-    binary = str(node.binary)
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
+
+class Bench:
+    """One run: the node, a medfs state directory shared by the sections, and the figures
+    that later sections compare against (the big file's cp and cat times)."""
+
+    def __init__(self, node: EmbeddedNode, api: str, work: Path, sizes: Sizes) -> None:
+        self.node, self.api, self.work, self.sizes = node, api, work, sizes
+        self.binary = str(node.binary)
+        self.state = work / "medfs-state"
+        self.mnt = work / "mnt"
+        self.mnt.mkdir(exist_ok=True)
+        self.env = {
+            **os.environ,
+            "MEDFS_STATE": str(self.state),
+            "MEDFS_PASSPHRASE": PASSPHRASE,
+            "IPFS_PATH": str(node.repo),
+        }
+        # Every medfs command talks to the run's node; without this, share and revoke would
+        # start the state directory's own embedded node, which has none of the data.
+        self.env["MEDFS_IPFS_API"] = api
+        self.figures: dict[str, float] = {}
+        self.caches_dropped = True
+
+    # -- processes --------------------------------------------------------------------------
+
+    def run(self, *argv: str, stdout: int | None = None, timeout: float = 7200) -> str:
+        """Run a command; raise BenchError with its stderr if it fails."""
+        try:
+            done = subprocess.run(
+                argv, env=self.env, stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as err:
+            raise BenchError(f"{' '.join(argv)} did not finish in {timeout:.0f} s") from err
+        if done.returncode != 0:
+            raise BenchError(
+                f"{' '.join(argv)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+            )
+        return done.stdout or ""
+
+    def medfs(self, *args: str) -> str:
+        return self.run(sys.executable, "-m", "medfs", *args)
+
+    def ipfs(self, *args: str, stdout: int | None = None) -> str:
+        return self.run(self.binary, *args, stdout=stdout)
+
+    def ipfs_add(self, path: Path, *extra: str) -> str:
+        out = self.ipfs("add", "-Q", "--cid-version=1", "--raw-leaves",
+                        f"--chunker={DEFAULT_CHUNKER}", *extra, str(path))  # fmt: skip
+        return out.strip()
+
+    def unpin_gc(self, *cids: str) -> None:
+        for cid in cids:
+            self.ipfs("pin", "rm", cid)
+        self.ipfs("repo", "gc", "-q", stdout=subprocess.DEVNULL)
+
+    def drop_caches(self) -> None:
+        subprocess.run(["sync"], check=True)
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError:
+            if self.caches_dropped:
+                say("cannot drop the page cache (not root?): cold figures include it")
+            self.caches_dropped = False
+
+    # -- the medfs mount --------------------------------------------------------------------
+
+    def mount(self) -> None:
+        if not (self.state / "config.json").exists():
+            self.medfs("init")
+        self.medfs("mount", str(self.mnt), "--api", self.api)
+        if not os.path.ismount(self.mnt):
+            raise BenchError(f"medfs mount returned but {self.mnt} is not a mount point")
+
+    def umount(self) -> None:
+        out = self.medfs("umount", str(self.mnt))
+        if os.path.ismount(self.mnt):
+            raise BenchError(f"medfs umount returned but {self.mnt} is still mounted: {out}")
+
+    def daemon_pid(self) -> int:
+        text = (self.state / "mount.lock").read_text()
+        return int(json.loads(text)["pid"])
+
+    def force_unmount(self) -> None:
+        """After a failure: never leave a mount or a daemon behind."""
+        if not os.path.ismount(self.mnt):
+            return
+        pid = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            pid = self.daemon_pid()
+        with contextlib.suppress(BenchError):
+            self.umount()
+        if os.path.ismount(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def mounted(self) -> Iterator[Path]:
+        """A fresh mount (empty segment cache), unmounted at the end, loudly if that fails."""
+        self.mount()
+        try:
+            yield self.mnt
+        except BaseException:
+            self.force_unmount()
+            raise
+        self.umount()
+
+    def mount_stats(self) -> dict[str, int]:
+        try:
+            return dict(json.loads(os.getxattr(self.mnt, XATTR_STATS)))
+        except OSError as err:
+            raise BenchError(
+                f"the mount has no {XATTR_STATS} counters ({err.strerror}): this medfs cannot "
+                "say how many segments a read fetched"
+            ) from err
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def payload(self, size: int) -> Path:
+        """A local file of `size` random bytes (so nothing compresses or deduplicates)."""
+        src = self.work / f"payload-{size}"
+        if not src.exists():
+            with open(src, "wb") as fh:
+                for _ in range(size // MiB):
+                    fh.write(os.urandom(MiB))
+        return src
+
+    def tree(self) -> Path:
+        """small_files random files of small_size bytes, FILES_PER_DIR to a directory."""
+        top = self.work / "tree"
+        if not top.exists():
+            n = self.sizes.small_files
+            for i in range(n):
+                d = top / f"d{i // FILES_PER_DIR:03d}"
+                if i % FILES_PER_DIR == 0:
+                    d.mkdir(parents=True)
+                (d / f"f{i:05d}.dat").write_bytes(os.urandom(self.sizes.small_size))
+        return top
+
+    def key(self, name: str) -> Path:
+        pub = self.work / f"{name}.pub"
+        if not pub.exists():
+            self.medfs("keygen", "--out", str(self.work / name))
+        return pub
+
+    # -- figures shared between sections ----------------------------------------------------
+
+    def big_figures(self) -> dict[str, float]:
+        """cp of the big file into the mount until durable, medfs umount, and a cold cat."""
+        size = self.sizes.big
+        if "cp_s" not in self.figures:
+            src = self.payload(size)
+            self.mount()
+            try:
+                t_cp = timed(lambda: self.run("cp", str(src), str(self.mnt / "big")))
+                got = (self.mnt / "big").stat().st_size
+                if got != size:
+                    raise BenchError(f"the copy in the mount has {got} bytes, not {size}")
+            except BaseException:
+                self.force_unmount()
+                raise
+            self.figures["umount_s"] = timed(self.umount)
+            self.figures["cp_s"] = t_cp
+        if "cat_s" not in self.figures:
+            with self.mounted() as mnt:
+                self.drop_caches()
+                self.figures["cat_s"] = timed(
+                    lambda: self.run("cat", str(mnt / "big"), stdout=subprocess.DEVNULL)
+                )
+        mb = size / MiB
+        self.figures["cp_MiBps"] = mb / self.figures["cp_s"]
+        self.figures["cat_MiBps"] = mb / self.figures["cat_s"]
+        return self.figures
+
+    def tree_figures(self) -> dict[str, float]:
+        """cp -r of the small-file tree into the mount, until durable (every close commits)."""
+        if "tree_cp_s" not in self.figures:
+            tree = self.tree()
+            with self.mounted() as mnt:
+                self.figures["tree_cp_s"] = timed(
+                    lambda: self.run("cp", "-r", str(tree), str(mnt / "tree"))
+                )
+                stats = self.mount_stats()
+                if stats.get("pending") or stats.get("deferred"):
+                    raise BenchError(f"cp -r left versions uncommitted: {stats}")
+        return self.figures
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def bench_adapter(b: Bench) -> list[Row]:
+    size = b.sizes.adapter
+    ipfs = IPFS(b.api, timeout=300)
+    src = b.payload(size)
     cid_cli = ""
 
     def cli_add() -> None:
         nonlocal cid_cli
-        out = subprocess.run(
-            [
-                binary,
-                "add",
-                "-Q",
-                "--cid-version=1",
-                "--raw-leaves",
-                f"--chunker={DEFAULT_CHUNKER}",
-                str(src),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        cid_cli = out.stdout.strip()
+        cid_cli = b.ipfs_add(src)
 
     cid_adapter = ""
 
@@ -76,115 +344,475 @@ def bench_adapter(node: EmbeddedNode, api: str, size: int, work: Path) -> list[d
         cid_adapter = ipfs.add(file_chunks(src))
 
     def cli_cat() -> None:
-        subprocess.run([binary, "cat", cid_cli], env=env, stdout=subprocess.DEVNULL, check=True)
+        b.ipfs("cat", cid_cli, stdout=subprocess.DEVNULL)
 
     def adapter_cat() -> None:
         step = 8 * MiB
         for offset in range(0, size, step):
-            ipfs.cat(cid_adapter, offset, step)
+            if len(ipfs.cat(cid_adapter, offset, step)) != min(step, size - offset):
+                raise BenchError("the adapter's cat returned a short range")
 
-    rows = []
-    # Baselines first, then the adapter, each after a warm-up of the same kind.
-    t_cli_add = timed(cli_add)
-    ipfs.unpin(cid_cli)
-    ipfs.gc()
-    t_cli_add = min(t_cli_add, timed(cli_add))
-    t_add = timed(adapter_add)
-    assert cid_adapter == cid_cli, "adapter and CLI must produce the same CID"
-    ipfs.unpin(cid_cli)
-    ipfs.gc()
-    t_add = min(t_add, timed(adapter_add))
-    t_cli_cat = min(timed(cli_cat), timed(cli_cat))
-    t_cat = min(timed(adapter_cat), timed(adapter_cat))
-    mb = size / MiB
-    for name, t, base_name, base in (
-        (f"adapter add of a {mb:.0f} MiB stream", t_add, "ipfs add", t_cli_add),
-        ("adapter cat of it in 8 MiB ranges", t_cat, "ipfs cat", t_cli_cat),
-    ):
-        rows.append(
-            {
-                "measure": name,
-                "MiB/s": round(mb / t, 1),
-                "baseline": base_name,
-                "baseline MiB/s": round(mb / base, 1),
-                "ratio": round(base / t, 2),
-            }
-        )
-    ipfs.unpin(cid_adapter)
-    ipfs.gc()
-    ipfs.close()
-    return rows
-
-
-def _drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        print("bench: cannot drop the page cache (not root?): read figures include it")
-
-
-def _payload(work: Path, size: int) -> Path:
-    src = work / f"payload-{size}"
-    if not src.exists():
-        with open(src, "wb") as fh:
-            for _ in range(size // MiB):
-                fh.write(os.urandom(MiB))
-    return src
-
-
-def bench_mount(node: EmbeddedNode, api: str, size: int, work: Path) -> list[dict[str, object]]:
-    src = _payload(work, size)
-    state, mnt = work / "mount-state", work / "mnt"
-    mnt.mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "MEDFS_STATE": str(state),
-        "MEDFS_PASSPHRASE": "bench",
-        "IPFS_PATH": str(node.repo),
-    }
-    medfs = [sys.executable, "-m", "medfs"]
-    binary = str(node.binary)
-
-    def run(*argv: str, out: int | None = None) -> str:
-        done = subprocess.run(argv, env=env, check=True, stdout=out or subprocess.PIPE, text=True)
-        return done.stdout or ""
-
-    run(*medfs, "init")
-    run(*medfs, "mount", str(mnt), "--api", api)
-    try:
-        t_cp = timed(lambda: run("cp", str(src), str(mnt / "big")))
-        t_umount = timed(lambda: run(*medfs, "umount", str(mnt)))
-        run(*medfs, "mount", str(mnt), "--api", api)
-        _drop_caches()
-        t_cat = timed(lambda: run("cat", str(mnt / "big"), out=subprocess.DEVNULL))
+        # Baselines first, then the adapter, each after a warm-up of the same kind.
+        t_cli_add = timed(cli_add)
+        b.unpin_gc(cid_cli)
+        t_cli_add = min(t_cli_add, timed(cli_add))
+        t_add = timed(adapter_add)
+        if cid_adapter != cid_cli:
+            raise BenchError(f"adapter and CLI gave different CIDs: {cid_adapter} {cid_cli}")
+        b.unpin_gc(cid_cli)
+        t_add = min(t_add, timed(adapter_add))
+        t_cli_cat = min(timed(cli_cat), timed(cli_cat))
+        t_cat = min(timed(adapter_cat), timed(adapter_cat))
+        b.unpin_gc(cid_adapter)
     finally:
-        subprocess.run([*medfs, "umount", str(mnt)], env=env, check=False, capture_output=True)
-    cid = ""
-
-    def cli_add() -> None:
-        nonlocal cid
-        cid = run(binary, "add", "-Q", "--cid-version=1", "--raw-leaves",
-                  f"--chunker={DEFAULT_CHUNKER}", str(src)).strip()  # fmt: skip
-
-    t_add = timed(cli_add)
-    _drop_caches()
-    t_ipfs_cat = timed(lambda: run(binary, "cat", cid, out=subprocess.DEVNULL))
+        ipfs.close()
     mb = size / MiB
     return [
-        {"measure": f"cp of a {mb:.0f} MiB file into the mount, until durable",
-         "MiB/s": round(mb / t_cp, 1), "baseline": "ipfs add",
-         "baseline MiB/s": round(mb / t_add, 1), "ratio": round(t_add / t_cp, 2)},
-        {"measure": f"... and cp plus medfs umount ({t_umount:.2f} s)",
-         "MiB/s": round(mb / (t_cp + t_umount), 1), "baseline": "ipfs add",
-         "baseline MiB/s": round(mb / t_add, 1), "ratio": round(t_add / (t_cp + t_umount), 2)},
-        {"measure": f"cat of it back, page cache dropped ({mb:.0f} MiB)",
-         "MiB/s": round(mb / t_cat, 1), "baseline": "ipfs cat",
-         "baseline MiB/s": round(mb / t_ipfs_cat, 1), "ratio": round(t_ipfs_cat / t_cat, 2)},
+        Row("adapter", f"adapter add of a {size_label(size)} stream", mb / t_add, "MiB/s",
+            "ipfs add", mb / t_cli_add, t_cli_add / t_add, "throughput"),
+        Row("adapter", "adapter cat of it in 8 MiB ranges", mb / t_cat, "MiB/s",
+            "ipfs cat", mb / t_cli_cat, t_cli_cat / t_cat, "throughput"),
     ]  # fmt: skip
 
 
-SECTIONS = {"adapter": bench_adapter, "mount": bench_mount}
+def bench_mount(b: Bench) -> list[Row]:
+    size = b.sizes.big
+    src = b.payload(size)
+    f = b.big_figures()
+    cid = ""
+
+    def add() -> None:
+        nonlocal cid
+        cid = b.ipfs_add(src)
+
+    t_add = timed(add)  # new blocks for the node, the source in the page cache: as for cp
+    b.drop_caches()
+    t_cat = timed(lambda: b.ipfs("cat", cid, stdout=subprocess.DEVNULL))
+    b.unpin_gc(cid)
+    mb, label = size / MiB, size_label(size)
+    t_both = f["cp_s"] + f["umount_s"]
+    return [
+        Row("mount", f"cp of a {label} file into the mount, until durable", mb / f["cp_s"],
+            "MiB/s", "ipfs add", mb / t_add, t_add / f["cp_s"], "throughput", ">= 0.8x",
+            t_add / f["cp_s"] >= 0.8),
+        Row("mount", f"... cp plus medfs umount ({f['umount_s']:.2f} s)", mb / t_both, "MiB/s",
+            "ipfs add", mb / t_add, t_add / t_both, "throughput"),
+        Row("mount", f"cat of it back, page cache dropped ({label})", mb / f["cat_s"], "MiB/s",
+            "ipfs cat", mb / t_cat, t_cat / f["cat_s"], "throughput", ">= 0.8x",
+            t_cat / f["cat_s"] >= 0.8),
+    ]  # fmt: skip
+
+
+def _open_direct(path: Path) -> tuple[int, bool]:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+    except OSError:
+        say("O_DIRECT is refused on the mount: random reads go through the page cache")
+        return os.open(path, os.O_RDONLY), False
+
+
+def bench_random(b: Bench) -> list[Row]:
+    size, n = b.sizes.big, b.sizes.random_reads
+    src = b.payload(size)
+    b.big_figures()  # the big file is in the mount
+    rng = random.Random(8)
+    # Any byte offset, as an application would: about one read in 16 crosses a segment edge.
+    offsets = [rng.randrange(0, size - 4 * KiB) for _ in range(n)]
+    latencies: list[float] = []
+    segments: list[int] = []
+    with b.mounted() as mnt:  # fresh: nothing of the file in the segment cache
+        cid = os.getxattr(mnt / "big", XATTR_CID).decode()
+        b.drop_caches()
+        fd, direct = _open_direct(mnt / "big")
+        try:
+            before = b.mount_stats()
+            for offset in offsets:
+                start = time.perf_counter()
+                data = os.pread(fd, 4 * KiB, offset)
+                latencies.append(time.perf_counter() - start)
+                if len(data) != 4 * KiB:
+                    raise BenchError(f"a 4 KiB read at {offset} returned {len(data)} bytes")
+                after = b.mount_stats()  # outside the timed read
+                segments.append(after["segments_fetched"] - before["segments_fetched"])
+                before = after
+                with open(src, "rb") as fh:
+                    if data != os.pread(fh.fileno(), 4 * KiB, offset):
+                        raise BenchError(f"the read at {offset} returned the wrong bytes")
+        finally:
+            os.close(fd)
+    # The baseline: the whole object for every read, from a cold page cache each time.
+    whole = []
+    for _ in range(b.sizes.whole_fetches):
+        b.drop_caches()
+        whole.append(timed(lambda: b.ipfs("cat", cid, stdout=subprocess.DEVNULL)))
+    ms = sorted(t * 1e3 for t in latencies)
+    p50, p99 = statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * len(ms)) - 1)]
+    base = statistics.median(whole) * 1e3
+    label = size_label(size)
+    how = "O_DIRECT" if direct else "buffered"
+    desc = f"{n:,} random 4 KiB {how} preads in the {label} file, cold"
+    baseline = f"whole-object ipfs cat per read (median of {len(whole)})"
+    return [
+        Row("random", f"{desc}: p50", p50, "ms", baseline, base, p50 / base, "time",
+            "p50 <= 5 ms", p50 <= 5.0),
+        Row("random", f"{desc}: p99", p99, "ms", baseline, base, p99 / base, "time"),
+        Row("random", f"{desc}: segments fetched per read, max (mean "
+            f"{statistics.fmean(segments):.2f})", max(segments), "segments",
+            target="<= 2", met=max(segments) <= 2,
+            details={"histogram": {str(k): segments.count(k) for k in sorted(set(segments))},
+                     "ciphertext_segment_bytes": SEG + layout.TAG_SIZE,
+                     # Which reads fetched more, and where the read before them ended: a read
+                     # close to the previous one is taken for a sequential one (read-ahead).
+                     "over_two": [{"read": i, "offset": offsets[i], "segments": k,
+                                   "previous_end": offsets[i - 1] + 4 * KiB if i else None}
+                                  for i, k in enumerate(segments) if k > 2]}),
+    ]  # fmt: skip
+
+
+def bench_tree(b: Bench) -> list[Row]:
+    n, each = b.sizes.small_files, b.sizes.small_size
+    tree = b.tree()
+    f = b.tree_figures()
+    cid = ""
+
+    def add_r() -> None:
+        nonlocal cid
+        cid = b.ipfs_add(tree, "-r")
+
+    t_add = timed(add_r)
+    b.unpin_gc(cid)
+    t_add = min(t_add, timed(add_r))
+    b.unpin_gc(cid)
+
+    def cold(*argv: str) -> float:
+        b.drop_caches()
+        return timed(lambda: b.run(*argv, stdout=subprocess.DEVNULL))
+
+    with b.mounted() as mnt:
+        found = b.run("find", str(mnt / "tree"), "-type", "f").split()
+        if len(found) != n:
+            raise BenchError(f"find sees {len(found)} files in the mount, not {n}")
+        ls_m = cold("ls", "-lR", str(mnt / "tree"))
+        find_m = cold("find", str(mnt / "tree"))
+    ls_l = cold("ls", "-lR", str(tree))
+    find_l = cold("find", str(tree))
+    what = f"{n:,} files of {each // KiB} KiB"
+    return [
+        Row("tree", f"cp -r of {what}, until durable", f["tree_cp_s"], "s", "ipfs add -r",
+            t_add, f["tree_cp_s"] / t_add, "time", "<= 1.5x the time",
+            f["tree_cp_s"] / t_add <= 1.5),
+        Row("tree", "ls -lR over them, cold (fresh mount, caches dropped)", ls_m, "s",
+            "local disk", ls_l, ls_m / ls_l, "time"),
+        Row("tree", "find over them, cold", find_m, "s", "local disk", find_l,
+            find_m / find_l, "time"),
+    ]  # fmt: skip
+
+
+def _status_kib(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise BenchError(f"no {field_name} in /proc/{pid}/status")
+
+
+def _peak_rss_copying(b: Bench, size: int) -> tuple[float, float, float, float]:
+    """(peak RSS MiB, RSS before the copy MiB, copy MiB/s, peak RSS of the mount's start-up
+    MiB) of a fresh daemon copying `size`
+    bytes in. The source is sparse (zeros cost no disk), copied densely (--sparse=never), so
+    the mount sees the same sequential 1 MiB writes as for any other file."""
+    src = b.work / f"zeros-{size}"
+    with open(src, "wb") as fh:
+        fh.truncate(size)
+    peak = 0
+    stop = threading.Event()
+    try:
+        with b.mounted() as mnt:
+            pid = b.daemon_pid()
+            before = _status_kib(pid, "VmRSS")
+            # Unlocking the key at mount (scrypt, 256 MiB) set the high-water mark; start it
+            # again from here ("5" resets VmHWM, Linux >= 4.0) so that it measures the copy.
+            at_mount = _status_kib(pid, "VmHWM")
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5\n")
+                reset = True
+            except OSError:
+                reset = False
+
+            def sample() -> None:
+                nonlocal peak
+                while not stop.wait(0.05):
+                    with contextlib.suppress(OSError, BenchError):
+                        peak = max(peak, _status_kib(pid, "VmRSS"))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            target = mnt / f"zeros-{size}"
+            t = timed(lambda: b.run("cp", "--sparse=never", str(src), str(target)))
+            stop.set()
+            sampler.join()
+            if reset:  # VmHWM: the kernel's own high-water mark, which sampling can't miss
+                peak = max(peak, _status_kib(pid, "VmHWM"))
+            if target.stat().st_size != size:
+                raise BenchError(f"the copy of {size} bytes has {target.stat().st_size}")
+            target.unlink()
+    finally:
+        stop.set()
+        src.unlink()
+    b.ipfs("repo", "gc", "-q", stdout=subprocess.DEVNULL)  # give the disk back
+    return peak / KiB, before / KiB, size / MiB / t, at_mount / KiB
+
+
+def bench_rss(b: Bench) -> list[Row]:
+    small, big = b.sizes.rss_small, b.sizes.rss_big
+    p_small, idle_small, v_small, _ = _peak_rss_copying(b, small)
+    p_big, idle_big, v_big, at_mount = _peak_rss_copying(b, big)
+    flat = p_big <= p_small * 1.1 + 8  # within 10 % + 8 MiB of the smaller copy's peak
+    return [
+        Row("rss", f"peak RSS of the mount daemon copying a {size_label(big)} file in "
+            f"({v_big:.0f} MiB/s; {idle_big:.0f} MiB before)", p_big, "MiB",
+            f"the same for {size_label(small)} ({v_small:.0f} MiB/s; {idle_small:.0f} MiB "
+            "before)", p_small, p_big / p_small, "memory",
+            "<= 150 MiB, not growing with size", p_big <= 150 and flat,
+            {"startup_peak_MiB": at_mount}),
+        Row("rss", "peak RSS of the mount daemon while mounting (the key unlock's scrypt)",
+            at_mount, "MiB"),
+    ]  # fmt: skip
+
+
+def bench_share(b: Bench) -> list[Row]:
+    n = b.sizes.share_files
+    dirs = -(-n // FILES_PER_DIR)
+    bob = b.key("bob")
+    b.tree_figures()  # the tree is in the mount
+    with b.mounted() as mnt:
+        paths = [str(mnt / "tree" / f"d{i:03d}") for i in range(dirs)]
+        out = ""
+
+        def share() -> None:
+            nonlocal out
+            out = b.medfs("share", *paths, "--to", str(bob), "--out", str(b.work / "bob.share"),
+                          "--api", b.api)  # fmt: skip
+
+        t_share = timed(share)
+        # The fixed part of any medfs command: interpreter start and unlocking the key (scrypt).
+        t_fixed = timed(lambda: b.medfs("grants", "--json", "--api", b.api))
+    wrapped = re.search(r"\((\d+) files wrapped\)", out)
+    if wrapped is None or int(wrapped.group(1)) != n:
+        raise BenchError(f"medfs share did not wrap {n} files: {out.strip()}")
+    return [
+        Row("share", f"medfs share of {n:,} files with a new recipient", t_share, "s",
+            "medfs grants (start + key unlock only)", t_fixed, t_share / t_fixed, "time",
+            "<= 2 s", t_share <= 2.0),
+    ]  # fmt: skip
+
+
+def bench_revoke(b: Bench) -> list[Row]:
+    f = b.big_figures()  # the big file is in the mount; its cp time is the baseline
+    carol = b.key("carol")
+    with b.mounted() as mnt:
+        big = str(mnt / "big")
+        b.medfs("share", big, "--to", str(carol), "--out", str(b.work / "carol.share"),
+                "--api", b.api)  # fmt: skip
+        old = os.getxattr(mnt / "big", XATTR_CID).decode()
+        out = ""
+
+        def revoke() -> None:
+            nonlocal out
+            out = b.medfs("revoke", big, "--from", str(carol), "--out", str(b.work / "revoked"),
+                          "--api", b.api)  # fmt: skip
+
+        t = timed(revoke)
+        new = os.getxattr(mnt / "big", XATTR_CID).decode()
+    if "re-encrypted 1 files" not in out:
+        raise BenchError(f"medfs revoke did not re-encrypt the file: {out.strip()}")
+    if new == old:
+        raise BenchError("after medfs revoke the mount still shows the old version's CID")
+    label = size_label(b.sizes.big)
+    return [
+        Row("revoke", f"medfs revoke of one recipient from the {label} file", t, "s",
+            f"cp of {label} into the mount", f["cp_s"], t / f["cp_s"], "time"),
+    ]  # fmt: skip
+
+
+def bench_gocryptfs(b: Bench) -> list[Row]:
+    if shutil.which("gocryptfs") is None:
+        raise BenchError("gocryptfs is not installed: run scripts/setup (Debian package)")
+    size = b.sizes.big
+    src = b.payload(size)
+    f = b.big_figures()
+    cipher, plain = b.work / "gocryptfs-cipher", b.work / "gocryptfs-plain"
+    cipher.mkdir()
+    plain.mkdir()
+    password = ["-extpass", f"echo {PASSPHRASE}"]
+    b.run("gocryptfs", "-init", "-q", *password, str(cipher))
+    # In the foreground, so that its exit can be awaited after unmounting.
+    proc = subprocess.Popen(
+        ["gocryptfs", "-fg", "-q", *password, str(cipher), str(plain)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(plain):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stderr = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+                raise BenchError(f"gocryptfs did not mount: {stderr.strip()}")
+            time.sleep(0.05)
+        target = plain / "big"
+        # Durable like medfs's close: the data is on the disk under it when the clock stops.
+        t_w = timed(lambda: (b.run("cp", str(src), str(target)), b.run("sync", str(target))))
+        if target.stat().st_size != size:
+            raise BenchError("gocryptfs's copy has the wrong size")
+        b.drop_caches()
+        t_r = timed(lambda: b.run("cat", str(target), stdout=subprocess.DEVNULL))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(plain)], check=False, capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+        shutil.rmtree(cipher, ignore_errors=True)
+    mb, label = size / MiB, size_label(size)
+    w, r = f["cp_MiBps"], f["cat_MiBps"]
+    return [
+        Row("gocryptfs", f"{label} write: medfs cp until durable", w, "MiB/s",
+            "gocryptfs on local disk, cp + fsync", mb / t_w, w / (mb / t_w), "throughput",
+            "medfs >= gocryptfs", w >= mb / t_w),
+        Row("gocryptfs", f"{label} read, page cache dropped: medfs cat", r, "MiB/s",
+            "gocryptfs on local disk, cat", mb / t_r, r / (mb / t_r), "throughput",
+            "medfs >= gocryptfs", r >= mb / t_r),
+    ]  # fmt: skip
+
+
+def _crypto_rate(total: int, buf: int, action: Callable[[bytes], object]) -> float:
+    data = os.urandom(buf)
+    rounds = max(1, total // buf)
+
+    def run() -> None:
+        for _ in range(rounds):
+            action(data)  # the output is dropped at once, as a streaming consumer does
+
+    best = min(timed(run) for _ in range(3))
+    return rounds * buf / MiB / best
+
+
+def _noop_rates(b: Bench) -> tuple[float, float]:
+    mnt = b.work / "noop-mnt"
+    mnt.mkdir()
+    log = open(b.work / "noop.log", "wb")  # noqa: SIM115 (closed in finally)
+    proc = subprocess.Popen([sys.executable, str(NOOP_FS), str(mnt)], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the no-op filesystem did not mount; see {b.work}/noop.log")
+            time.sleep(0.05)
+        count = f"count={b.sizes.noop // MiB}"
+        zero = str(mnt / "zero")
+        t_w = timed(lambda: b.run("dd", "if=/dev/zero", f"of={zero}", "bs=1M", count))
+        t_r = timed(lambda: b.run("dd", f"if={zero}", "of=/dev/null", "bs=1M", count))
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    mb = b.sizes.noop / MiB
+    return mb / t_w, mb / t_r
+
+
+def bench_ceilings(b: Bench) -> list[Row]:
+    f = b.big_figures()
+    w, r = f["cp_MiBps"], f["cat_MiBps"]
+    total = b.sizes.crypto
+    aead, nonce = AESGCM(os.urandom(32)), bytes(12)
+    sealed64 = aead.encrypt(nonce, os.urandom(SEG), None)
+    rates = [
+        ("raw AES-256-GCM seal, 64 KiB buffers", "medfs cp",
+         _crypto_rate(total, SEG, lambda d: aead.encrypt(nonce, d, None)), w),
+        ("raw AES-256-GCM seal, 1 MiB buffers", "medfs cp",
+         _crypto_rate(total, MiB, lambda d: aead.encrypt(nonce, d, None)), w),
+        ("raw AES-256-GCM open, 64 KiB buffers", "medfs cat",
+         _crypto_rate(total, SEG, lambda d: aead.decrypt(nonce, sealed64, None)), r),
+        ("SHA-256 (hashlib), 64 KiB buffers", "medfs cp",
+         _crypto_rate(total, SEG, lambda d: hashlib.sha256(d).digest()), w),
+        ("SHA-256 (hashlib), 1 MiB buffers", "medfs cp",
+         _crypto_rate(total, MiB, lambda d: hashlib.sha256(d).digest()), w),
+    ]  # fmt: skip
+    noop_w, noop_r = _noop_rates(b)
+    rates += [
+        ("no-op pyfuse3 filesystem, dd bs=1M write", "medfs cp", noop_w, w),
+        ("no-op pyfuse3 filesystem, dd bs=1M read", "medfs cat", noop_r, r),
+    ]
+    return [
+        Row("ceilings", f"ceiling: {name}", ceiling, "MiB/s", what, medfs, medfs / ceiling,
+            "of ceiling")
+        for name, what, ceiling, medfs in rates
+    ]  # fmt: skip
+
+
+SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {
+    "adapter": bench_adapter,
+    "mount": bench_mount,
+    "random": bench_random,
+    "tree": bench_tree,
+    "rss": bench_rss,
+    "share": bench_share,
+    "revoke": bench_revoke,
+    "gocryptfs": bench_gocryptfs,
+    "ceilings": bench_ceilings,
+}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                mem[key] = int(rest.split()[0]) // KiB
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "mem_total_MiB": mem.get("MemTotal"),
+        "mem_available_MiB": mem.get("MemAvailable"),
+        "loadavg": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
+
+
+def _num(x: float) -> str:
+    if x == int(x) and abs(x) < 1000:
+        return str(int(x))
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}" if abs(x) < 10 else f"{x:,.1f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| measure | medfs | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        base = r.baseline
+        if r.baseline_value is not None:
+            base = f"{base}: {_num(r.baseline_value)} {r.unit}"
+        ratio = f"{r.ratio:.2f}x {r.ratio_of}" if r.ratio is not None else "—"
+        met = {True: "yes", False: "**no**", None: "—"}[r.met]
+        cells = (r.measure, f"{_num(r.value)} {r.unit}", base or "—", ratio, r.target, met)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -194,30 +822,67 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, under two minutes")
     parser.add_argument("--json", default="bench-results/bench.json", help="where to write JSON")
     parser.add_argument(
-        "--only", choices=sorted(SECTIONS), action="append", help="run only these sections"
+        "--only", choices=list(SECTIONS), action="append", help="run only these sections"
     )
     args = parser.parse_args()
-    sizes = {"adapter": 256 * MiB, "mount": 1024 * MiB}
-    if args.quick:
-        sizes = {"adapter": 32 * MiB, "mount": 64 * MiB}
-    rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory(prefix="medfs-bench-") as tmp:
-        work = Path(tmp)
-        node = EmbeddedNode(work / "state")
-        api = node.ensure_running()
-        try:
-            for name in args.only or list(SECTIONS):
-                rows += SECTIONS[name](node, api, sizes[name], work)
-        finally:
-            node.stop()
-    print("| measure | MiB/s | baseline | baseline MiB/s | ratio |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        cells = (r["measure"], r["MiB/s"], r["baseline"], r["baseline MiB/s"], f"{r['ratio']}x")
-        print("| " + " | ".join(str(c) for c in cells) + " |")
+    sizes = Sizes.quick() if args.quick else Sizes.full()
+    chosen = [name for name in SECTIONS if not args.only or name in args.only]
+    info = machine()
+    rows: list[Row] = []
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="medfs-bench-") as tmp:
+            work = Path(tmp)
+            node = EmbeddedNode(work / "node")
+            bench: Bench | None = None
+            try:
+                api = node.ensure_running()
+                info["kubo"] = node.status().version
+                bench = Bench(node, api, work, sizes)
+                for name in chosen:
+                    say(f"{name} ...")
+                    t0 = time.perf_counter()
+                    got = SECTIONS[name](bench)
+                    timings[name] = round(time.perf_counter() - t0, 1)
+                    for row in got:
+                        if not (row.value > 0 and (row.baseline_value is None
+                                                   or row.baseline_value > 0)):  # fmt: skip
+                            raise BenchError(f"{name}: a figure is not positive: {row}")
+                    rows += got
+                    say(f"{name} done in {timings[name]:.1f} s")
+                info["caches_dropped"] = bench.caches_dropped
+            finally:
+                if bench is not None:
+                    bench.force_unmount()
+                    # A medfs command that ignored MEDFS_IPFS_API would have started this one.
+                    EmbeddedNode(bench.state).stop()
+                node.stop()
+    except BenchError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 1
+    info["loadavg_end"] = os.getloadavg()[0]
+    elapsed = time.perf_counter() - started
+    m = info
+    print(
+        f"{m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, {m['mem_total_MiB']:,} MiB RAM "
+        f"({m['mem_available_MiB']:,} MiB available), load average {m['loadavg']:.2f} at the "
+        f"start and {m['loadavg_end']:.2f} at the end; Kubo {m.get('kubo')}; "
+        f"{'--quick, ' if args.quick else ''}{elapsed:.0f} s\n"
+    )
+    print(markdown(rows))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
+    result = {
+        "quick": args.quick,
+        "sections": chosen,
+        "sizes": asdict(sizes),
+        "machine": info,
+        "elapsed_s": round(elapsed, 1),
+        "section_s": timings,
+        "rows": [asdict(r) for r in rows],
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nJSON: {out}")
     return 0
 
