@@ -203,7 +203,11 @@ def revoke(
     manifest = session.manifest
     tops = [_resolve(manifest, p) for p in paths]
     for path, top in zip(paths, tops, strict=True):
-        if not manifest.remove_grant(top.ino, fingerprint):
+        if not manifest.remove_grant(top.ino, fingerprint) and not _still_readable_by(
+            manifest, top, fingerprint
+        ):
+            # (A grant already removed while files still carry wraps for the recipient is a
+            # revoke that was interrupted: carrying on is what finishes it.)
             where = [
                 os.fsdecode(manifest.path_of(ino) or b"?")
                 for ino, fpr, _p, _t in manifest.grants()
@@ -228,6 +232,15 @@ def revoke(
                 done.append(Reencrypted(rel or _name_of(manifest, top), *result))
             others.update(manifest.grantees(inode.ino))
     return done, others
+
+
+def _still_readable_by(manifest: Manifest, top: Inode, fingerprint: str) -> bool:
+    return any(
+        inode.kind == Kind.FILE
+        and fingerprint in manifest.wraps(inode.ino)
+        and fingerprint not in manifest.grantees(inode.ino)
+        for _rel, inode in _subtree(manifest, top)
+    )
 
 
 def _reencrypt(

@@ -105,7 +105,7 @@ def serve(
 ) -> list[Pending]:
     """Mount and serve until unmounted; return what could not be committed."""
     lock = state.MountLock(layout)
-    lock.acquire(options.mountpoint)
+    lock.acquire(options.mountpoint, api=options.api if options.node_state is None else None)
     with contextlib.ExitStack() as stack:
         stack.callback(lock.release)
         session = state.unlock(layout, passphrase)

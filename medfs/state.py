@@ -160,7 +160,9 @@ class MountLock:
         self.layout = layout
         self._fh: IO[str] | None = None
 
-    def acquire(self, mountpoint: Path) -> None:
+    def acquire(self, mountpoint: Path, *, api: str | None = None) -> None:
+        """Hold the lock; record who holds it, and the external IPFS API it uses, if any
+        (commands run while mounted must talk to the node that has the mount's data)."""
         fh = open(self.layout.lock, "a+")  # noqa: SIM115 (held until release)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,7 +175,8 @@ class MountLock:
                 hint="unmount it first with 'medfs umount MOUNTPOINT'",
             ) from None
         fh.truncate(0)
-        fh.write(json.dumps({"pid": os.getpid(), "mountpoint": str(mountpoint)}) + "\n")
+        info = {"pid": os.getpid(), "mountpoint": str(mountpoint), "api": api}
+        fh.write(json.dumps(info) + "\n")
         fh.flush()
         self._fh = fh
 

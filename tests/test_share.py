@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from medfs import state
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
@@ -196,5 +197,43 @@ def _scenario(
 
 def _fingerprint(person: Person) -> str:
     out = run_medfs("id", str(person.pub), "--json")
+    assert out.returncode == 0, out.stderr
+    return str(json.loads(out.stdout)["fingerprint"])
+
+
+def test_commands_follow_the_mounts_node_and_an_interrupted_revoke_finishes(
+    tmp_path: Path, kubo_api: str
+) -> None:
+    out = run_medfs("keygen", "--out", str(tmp_path / "bob"), env={"MEDFS_PASSPHRASE": "x"})
+    assert out.returncode == 0, out.stderr
+    with mounted(tmp_path / "alice", kubo_api) as alice:
+        (alice.mnt / "r.txt").write_bytes(b"record")
+        # No --api: the mount's node is used, not a new embedded node without the data.
+        out = alice.medfs("share", str(alice.mnt / "r.txt"), "--to", str(tmp_path / "bob.pub"),
+                          "--out", str(tmp_path / "m"))  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        status = json.loads(alice.medfs("node", "status", "--json").stdout)
+        assert status["running"] is False
+        # A revoke interrupted after removing the grant: running it again finishes the job.
+        session = state.unlock(state.Layout(alice.state), PASSPHRASE)
+        try:
+            inode = session.manifest.resolve("/r.txt")
+            assert inode is not None
+            bob = _fingerprint_of(tmp_path / "bob.pub")
+            assert session.manifest.remove_grant(inode.ino, bob)
+        finally:
+            session.manifest.close()
+        out = alice.medfs("revoke", str(alice.mnt / "r.txt"), "--from", str(tmp_path / "bob.pub"))
+        assert out.returncode == 0, out.stderr
+        assert "re-encrypted 1 files" in out.stdout
+        info = json.loads(alice.medfs("stat", str(alice.mnt / "r.txt"), "--json").stdout)
+        assert bob not in info["recipients"]
+        out = alice.medfs("revoke", str(alice.mnt / "r.txt"), "--from", str(tmp_path / "bob.pub"))
+        assert out.returncode == 2 and "is not granted" in out.stderr  # now really nothing to do
+        assert (alice.mnt / "r.txt").read_bytes() == b"record"
+
+
+def _fingerprint_of(pub: Path) -> str:
+    out = run_medfs("id", str(pub), "--json")
     assert out.returncode == 0, out.stderr
     return str(json.loads(out.stdout)["fingerprint"])

@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from medfs import __version__
+from medfs import __version__, state
 from medfs.cli import audit, backup, inspect, keys, mount, node, package, share, verify
 from medfs.errors import MedfsError
+from medfs.paths import state_dir
 
 # Each command module offers `register(subparsers, common)`; its parsers set `func`.
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -56,6 +57,16 @@ def print_error(err: MedfsError) -> None:
         print(f"medfs: hint: {err.hint}", file=sys.stderr)
 
 
+def _follow_the_mount(args: argparse.Namespace) -> None:
+    """While the state directory is mounted against an external node (--api), commands such
+    as share, revoke or verify must use that node, not start the embedded one."""
+    if args.command == "node" or getattr(args, "api", None) or not hasattr(args, "state"):
+        return
+    holder = state.holder(state.Layout(state_dir(args.state)))
+    if holder and isinstance(holder.get("api"), str):
+        args.api = holder["api"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -63,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="medfs: %(levelname)s: %(message)s",
     )
     try:
+        _follow_the_mount(args)
         code: int = args.func(args)
     except MedfsError as err:
         print_error(err)
