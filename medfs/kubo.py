@@ -80,7 +80,8 @@ def binary_version(binary: Path) -> str:
     return out.stdout.strip()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -210,7 +211,7 @@ class EmbeddedNode:
             pid = int(self._pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _pid_alive(pid) and _is_kubo_daemon(pid) else None
+        return pid if pid_alive(pid) and _is_kubo_daemon(pid) else None
 
     def api(self) -> str | None:
         """The API multiaddr of the running daemon, or None if nothing answers."""
@@ -326,7 +327,7 @@ class EmbeddedNode:
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)

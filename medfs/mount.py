@@ -33,7 +33,7 @@ from medfs.content import PendingStore, Reader, SegmentCache, Staging, pending_k
 from medfs.errors import MedfsError, UsageError
 from medfs.fs import Filesystem, Pending
 from medfs.ipfs import IPFS
-from medfs.kubo import EmbeddedNode
+from medfs.kubo import EmbeddedNode, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -350,16 +350,6 @@ def state_of_mount(mountpoint: Path) -> state.Layout | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def unmount(mountpoint: Path, layout: state.Layout | None, timeout: float = 3600) -> list[str]:
     """Unmount and wait for the daemon; return descriptions of what it could not commit."""
     mountpoint = mountpoint.absolute()
@@ -371,7 +361,7 @@ def unmount(mountpoint: Path, layout: state.Layout | None, timeout: float = 3600
     layout = found
     holder = state.holder(layout)
     pid = int(str(holder["pid"])) if holder and "pid" in holder else None
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         # The daemon died: the kernel still holds a dead mount ("transport endpoint is not
         # connected"). Detach it lazily; nothing unsaved survived the daemon anyway.
         _fusermount(mountpoint, lazy=True)
@@ -381,7 +371,7 @@ def unmount(mountpoint: Path, layout: state.Layout | None, timeout: float = 3600
         )
     _fusermount(mountpoint, lazy=False)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise MountError(f"the medfs daemon (pid {pid}) did not exit after unmounting")
         time.sleep(0.05)
