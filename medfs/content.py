@@ -46,8 +46,9 @@ from medfs.ipfs import IPFS
 log = logging.getLogger(__name__)
 
 SEG = layout.SEGMENT_SIZE
-# Sequential reads fetch ahead in growing windows up to this many segments (4 MiB).
-MAX_READAHEAD = 64
+# Sequential reads fetch ahead in growing windows up to this many segments (8 MiB): fewer,
+# larger range requests; each costs a round trip to the node whatever its size.
+MAX_READAHEAD = 128
 # How many write chunks may wait for the sealer before a writer blocks (8 MiB of 128 KiB writes).
 UPLOAD_QUEUE = 64
 # How many segments an overlay commit reads from its base in one range request.
