@@ -64,7 +64,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -639,8 +639,12 @@ class AuditLog:
         self._key = key
         self._batch_size = batch_size
         self._batch_delay = batch_delay
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._lock = threading.Lock()  # held while writing: a write may wait for an fsync
+        # The queue has a lock of its own, so that queueing never waits for a write's fsync
+        # (the mount daemon queues from the thread that serves FUSE). Whoever writes takes
+        # `_lock` first, then the queue: so entries reach the file in the order they were made.
+        self._queue_lock = threading.Lock()
+        self._cond = threading.Condition(self._queue_lock)
         # Queued read events, not yet signed: their place in the chain is fixed at write time.
         self._pending: list[_Event] = []
         self._pending_since = 0.0
@@ -675,7 +679,7 @@ class AuditLog:
     @property
     def count(self) -> int:
         """Entries in the file at our last write, plus our queued ones."""
-        with self._lock:
+        with self._lock, self._queue_lock:
             return self._seq + len(self._pending)
 
     # -- opening and recovery ------------------------------------------------------------------
@@ -837,11 +841,21 @@ class AuditLog:
         Blocks on disk: call it from a worker thread in trio code. Queued read events are
         written first, so the file keeps the order in which events happened.
         """
-        new = self._event(event, cid, details)
+        return self.append_many([(event, cid, details)])
+
+    def append_many(self, events: Sequence[tuple[str, str | None, Mapping[str, object]]]) -> int:
+        """Record several events (name, cid, details) durably with one write and one fsync;
+        the last one's seq. As `append` otherwise."""
+        new = [self._event(event, cid, details) for event, cid, details in events]
         with self._lock:
             self._check_usable()
-            events, self._pending = [*self._pending, new], []
-            return self._commit(events, sync=True)
+            return self._commit([*self._take_queue(), *new], sync=True)
+
+    def _take_queue(self) -> list[_Event]:
+        """The queued events, now this writer's to write (`_lock` held)."""
+        with self._queue_lock:
+            events, self._pending = self._pending, []
+        return events
 
     def append_batched(self, event: str, *, cid: str | None = None, **details: object) -> None:
         """Queue an event (a read) without waiting for the disk; no I/O here.
@@ -850,7 +864,7 @@ class AuditLog:
         seconds or at `batch_size` entries.
         """
         new = self._event(event, cid, details)
-        with self._lock:
+        with self._cond:
             self._check_usable()
             if not self._pending:
                 self._pending_since = time.monotonic()
@@ -863,8 +877,7 @@ class AuditLog:
         """Write and fsync every queued entry now."""
         with self._lock:
             self._check_usable()
-            events, self._pending = self._pending, []
-            self._commit(events, sync=True)
+            self._commit(self._take_queue(), sync=True)
 
     def _flush_loop(self) -> None:
         while True:
@@ -879,7 +892,8 @@ class AuditLog:
                         self._cond.wait(due)
                     else:
                         self._cond.wait()
-                events, self._pending = self._pending, []
+            with self._lock:
+                events = self._take_queue()
                 try:
                     self._commit(events, sync=True)
                 except AuditError as err:
@@ -893,8 +907,7 @@ class AuditLog:
         """
         with self._lock:
             self._check_usable()
-            events, self._pending = self._pending, []
-            self._commit(events, sync=True)
+            self._commit(self._take_queue(), sync=True)
             count, head = self._seq, self._prev
         signed = Anchor.sign(self.identity, count, head, time.time_ns())
         cid = ipfs.add(signed.document())
@@ -921,7 +934,7 @@ class AuditLog:
         self._flusher.join()
         try:
             with self._lock:
-                events, self._pending = self._pending, []
+                events = self._take_queue()
                 if events and not self._failed:
                     self._commit(events, sync=True)
         finally:
