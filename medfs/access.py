@@ -280,7 +280,7 @@ def _reencrypt(
     ]
     wraps = {r.fingerprint: recipients.wrap(new_key, r, context).to_bytes() for r in to}
     try:
-        manifest.commit_version(
+        unpin = manifest.commit_version(
             inode.ino,
             cid=new_cid,
             salt=salt,
@@ -296,8 +296,9 @@ def _reencrypt(
         with contextlib.suppress(MedfsError):
             ipfs.unpin(new_cid)
         return None
-    with contextlib.suppress(MedfsError):
-        ipfs.unpin(inode.cid)
+    if unpin is not None:  # the old version's own pin, or its group's once it keeps nothing
+        with contextlib.suppress(MedfsError):
+            ipfs.unpin(unpin)
     return inode.cid, new_cid, inode.size
 
 

@@ -530,6 +530,8 @@ def restore(
         _record(new_state, Backup(cid, snap.created_ns, snap.entries, snap.files, digest))
         fetched, missing = 0, []
         if fetch_objects:
+            # Pinned one by one here: the groups that kept them belong to the old node.
+            session.manifest.forget_pin_groups()
             for object_cid in sorted(session.manifest.cids()):
                 try:
                     ipfs.pin(object_cid)

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medfs.errors import FormatError, MedfsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # PRAGMA application_id "MEDF": lets `file(1)` and `open` tell a manifest from any other database.
 APPLICATION_ID = 0x4D454446
 ENTRY_ID_SIZE = 16
@@ -58,6 +58,14 @@ MAX_INO = 2**63 - 1
 
 _RESERVED_META = frozenset({"schema_version", "key_check", "owner", "wrapped_key"})
 _PAGE = 256
+
+# Versions committed in a group are kept on the node by one pin of a directory holding them all
+# (`IPFS.add_group`). A row says which group keeps which current version; a group's pin may go
+# once it keeps none (schema 2; a schema-1 manifest gains the table when it is opened).
+_PIN_GROUPS = (
+    "CREATE TABLE pin_groups (member TEXT PRIMARY KEY, grp TEXT NOT NULL) STRICT, WITHOUT ROWID",
+    "CREATE INDEX pin_groups_by_grp ON pin_groups (grp)",
+)
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT",
@@ -113,6 +121,7 @@ _SCHEMA = (
     ) STRICT, WITHOUT ROWID""",
     # The last share-manifest sequence number issued to each recipient: it only grows.
     "CREATE TABLE share_sequence (fingerprint TEXT PRIMARY KEY, last INTEGER NOT NULL) STRICT",
+    *_PIN_GROUPS,
 )
 
 
@@ -228,6 +237,19 @@ _ORPHANS = (
 ANY_CID = object()
 
 
+class NewVersion(NamedTuple):
+    """An uploaded object to make a file's current version (see `Manifest.commit_version`)."""
+
+    ino: int
+    cid: str
+    salt: bytes
+    size: int
+    format: int
+    mtime_ns: int
+    version_ns: int
+    wraps: Mapping[str, bytes]
+
+
 class VersionConflict(Exception):
     """A compare-and-swap commit found another version in place."""
 
@@ -301,6 +323,20 @@ def _connect_checked(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _migrate_from_1(db: sqlite3.Connection) -> None:
+    """Schema 1 lacks only the pin groups; adding them changes nothing already recorded."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _PIN_GROUPS:
+            db.execute(statement)
+        version = str(SCHEMA_VERSION).encode()
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.rollback()
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -320,6 +356,7 @@ class Manifest:
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db: sqlite3.Connection | None = db
         self._names: NameCipher | None = None
+        self._wal_fd: int | None = None  # see defer_sync
         self.path = path
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -403,7 +440,9 @@ class Manifest:
                 raise FormatError(f"manifest {path} has no schema version") from None
             if row is None:
                 raise FormatError(f"manifest {path} has no schema version")
-            if row[0] != str(SCHEMA_VERSION).encode():
+            if row[0] == b"1":
+                _migrate_from_1(db)
+            elif row[0] != str(SCHEMA_VERSION).encode():
                 shown = bytes(row[0]).decode("ascii", "replace")
                 raise FormatError(
                     f"manifest {path} has schema version {shown[:20]}; this medfs reads only"
@@ -419,6 +458,9 @@ class Manifest:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)  # after the connection: it no longer holds any lock
+            self._wal_fd = None
 
     def __enter__(self) -> Manifest:
         return self
@@ -430,6 +472,28 @@ class Manifest:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def defer_sync(self) -> None:
+        """From now on, commit without waiting for the disk (synchronous=NORMAL). A commit then
+        survives this process being killed at once, and a power cut once `sync_to_disk` has
+        run after it. For the mount daemon: an fsync per commit on the thread that serves FUSE
+        would hold up every request behind it."""
+        db = self._conn
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("SELECT count(*) FROM meta").fetchone()  # the -wal file exists from here on
+        if self._wal_fd is None:
+            # Opened once and kept until `close`: closing any descriptor of a database file
+            # would drop every POSIX lock SQLite holds on it in this process, and another
+            # process could then take the WAL away from under this connection.
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+
+    def sync_to_disk(self) -> None:
+        """Make every commit so far survive a power cut (blocking; safe from any thread). In
+        WAL mode a commit is in the -wal file when it returns, and SQLite syncs the database
+        file itself before a checkpoint empties the WAL. A no-op unless `defer_sync` ran
+        (otherwise each commit was synced already)."""
+        if self._wal_fd is not None:
+            os.fsync(self._wal_fd)
 
     def unlock(self, names: NameCipher) -> None:
         """Enable the name-handling calls. FormatError if `names` is not this manifest's key."""
@@ -847,30 +911,87 @@ class Manifest:
         re-encryption racing a newer write must not undo it): VersionConflict otherwise.
 
         Replaces cid, salt, size, format, mtime_ns, version_ns and every wrap (ctime moves up to
-        at least mtime_ns). Returns the previous CID for the caller to unpin, or None if there
-        was none or it is the same CID. FileNotFoundError if missing; IsADirectoryError or EINVAL
-        if not a regular file; ValueError for an empty `wraps`.
+        at least mtime_ns). Returns what the caller should unpin now that the previous version
+        is gone (as `release` does), or None. FileNotFoundError if missing; IsADirectoryError or
+        EINVAL if not a regular file; ValueError for an empty `wraps`.
         """
-        if not cid or not salt or size < 0:
-            raise ValueError("a version needs a CID, a salt and a non-negative size")
-        if not wraps:
-            raise ValueError("a version no one can unwrap would be lost: wraps must not be empty")
+        version = NewVersion(ino, cid, salt, size, format, mtime_ns, version_ns, wraps)
+        with self._write():
+            return self._release(self._commit_version(version, expected_cid))
+
+    def commit_group(self, versions: Sequence[NewVersion], group: str) -> list[str]:
+        """Commit versions uploaded together under the pinned directory `group`, in one
+        transaction; the group's pin keeps them from now on. Returns what to unpin."""
+        if not versions:
+            raise ValueError("a group commit needs at least one version")
+        unpin = []
         with self._write() as db:
-            inode = self._need(ino)
-            if inode.kind is not Kind.FILE:
-                code = errno.EISDIR if inode.kind is Kind.DIR else errno.EINVAL
-                raise _oserror(code, f"inode {ino} is not a regular file")
-            if expected_cid is not ANY_CID and inode.cid != expected_cid:
-                raise VersionConflict(f"inode {ino} has a newer version")
-            db.execute(
-                "UPDATE inodes SET cid = ?, salt = ?, size = ?, format = ?, mtime_ns = ?,"
-                " ctime_ns = max(ctime_ns, ?), version_ns = ? WHERE ino = ?",
-                (cid, bytes(salt), size, format, mtime_ns, mtime_ns, version_ns, ino),
-            )
-            db.execute("DELETE FROM wraps WHERE ino = ?", (ino,))
-            for fingerprint, stanza in wraps.items():
-                self._insert_wrap(ino, fingerprint, stanza)
-        return None if inode.cid == cid else inode.cid
+            for version in versions:
+                old = self._commit_version(version, ANY_CID)
+                db.execute("INSERT INTO pin_groups VALUES (?, ?)", (version.cid, group))
+                gone = self._release(old)
+                if gone is not None:
+                    unpin.append(gone)
+        return unpin
+
+    def release(self, cid: str) -> str | None:
+        """`cid` is no longer anyone's version: what to unpin. Its own CID, if it was pinned on
+        its own; its group's, once the group keeps no other version; else None."""
+        with self._write():
+            return self._release(cid)
+
+    def _release(self, cid: str | None) -> str | None:
+        if cid is None:
+            return None
+        db = self._conn
+        row = db.execute("SELECT grp FROM pin_groups WHERE member = ?", (cid,)).fetchone()
+        if row is None:
+            return cid
+        db.execute("DELETE FROM pin_groups WHERE member = ?", (cid,))
+        left = db.execute("SELECT 1 FROM pin_groups WHERE grp = ? LIMIT 1", row).fetchone()
+        return None if left else str(row[0])
+
+    def pin_group_of(self, cid: str) -> str | None:
+        """The group whose pin keeps version `cid`, or None if it is pinned on its own."""
+        row = self._conn.execute("SELECT grp FROM pin_groups WHERE member = ?", (cid,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def pin_groups(self) -> set[str]:
+        """Every group pin that still keeps a version."""
+        return {grp for (grp,) in self._conn.execute("SELECT DISTINCT grp FROM pin_groups")}
+
+    def pinned_alone(self, cid: str) -> None:
+        """Version `cid` is pinned on its own from now on; its group no longer keeps it."""
+        with self._write() as db:
+            db.execute("DELETE FROM pin_groups WHERE member = ?", (cid,))
+
+    def forget_pin_groups(self) -> None:
+        """Every version is pinned on its own from now on (a restore on another node)."""
+        with self._write() as db:
+            db.execute("DELETE FROM pin_groups")
+
+    def _commit_version(self, v: NewVersion, expected_cid: str | object | None) -> str | None:
+        """The previous CID, or None if there was none or it is the same (transaction open)."""
+        if not v.cid or not v.salt or v.size < 0:
+            raise ValueError("a version needs a CID, a salt and a non-negative size")
+        if not v.wraps:
+            raise ValueError("a version no one can unwrap would be lost: wraps must not be empty")
+        db = self._conn
+        inode = self._need(v.ino)
+        if inode.kind is not Kind.FILE:
+            code = errno.EISDIR if inode.kind is Kind.DIR else errno.EINVAL
+            raise _oserror(code, f"inode {v.ino} is not a regular file")
+        if expected_cid is not ANY_CID and inode.cid != expected_cid:
+            raise VersionConflict(f"inode {v.ino} has a newer version")
+        db.execute(
+            "UPDATE inodes SET cid = ?, salt = ?, size = ?, format = ?, mtime_ns = ?,"
+            " ctime_ns = max(ctime_ns, ?), version_ns = ? WHERE ino = ?",
+            (v.cid, bytes(v.salt), v.size, v.format, v.mtime_ns, v.mtime_ns, v.version_ns, v.ino),
+        )
+        db.execute("DELETE FROM wraps WHERE ino = ?", (v.ino,))
+        for fingerprint, stanza in v.wraps.items():
+            self._insert_wrap(v.ino, fingerprint, stanza)
+        return None if inode.cid == v.cid else inode.cid
 
     def add_wrap(self, ino: int, fingerprint: str, stanza: bytes) -> None:
         """Add (or replace) one recipient's wrap of the current version, e.g. for a share.

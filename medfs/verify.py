@@ -141,6 +141,7 @@ def check(
             progress(report.files)
     referenced = (
         manifest.cids()
+        | manifest.pin_groups()
         | anchored
         | _anchor_cids(state_layout)
         | {b.cid for b in backup.load_backups(state_layout)}
@@ -237,7 +238,8 @@ def _check_entry(
     cid = inode.cid
     assert cid is not None and inode.salt is not None
     found: list[Problem] = []
-    pinned = cid in pins
+    group = manifest.pin_group_of(cid)
+    pinned = cid in pins or (group is not None and group in pins)
     present = ipfs.has_local(cid)
     if not present:
         detail = "not on this node; not repairable here (pin it from a node that holds it)"
@@ -271,7 +273,13 @@ def _check_entry(
     if repair:
         for problem in found:
             if problem.kind == UNPINNED:
-                _try(report, problem, functools.partial(ipfs.pin, cid), f"pinned {cid} ({path})")
+                _try(report, problem, functools.partial(_pin_alone, manifest, ipfs, cid),
+                     f"pinned {cid} ({path})")  # fmt: skip
+
+
+def _pin_alone(manifest: Manifest, ipfs: IPFS, cid: str) -> None:
+    ipfs.pin(cid)
+    manifest.pinned_alone(cid)  # no longer its group's to keep (that pin is gone anyway)
 
 
 def _chunks(ipfs: IPFS, cid: str) -> Iterator[bytes]:

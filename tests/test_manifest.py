@@ -6,6 +6,8 @@ import errno
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -144,7 +146,7 @@ def test_initialize_makes_a_private_unlocked_manifest_with_a_root(db_path):
         assert m.path_of(ROOT_INODE) == b"/"
         assert m.children(ROOT_INODE) == []
         assert (m.owner, m.wrapped_key) == (OWNER, WRAPPED)
-        assert m.get_meta("schema_version") == b"1"
+        assert m.get_meta("schema_version") == b"2"
         mkfile(m, ROOT_INODE, b"a")  # the WAL files exist while open
         for suffix in ("", "-wal", "-shm"):
             assert stat.S_IMODE(os.stat(f"{db_path}{suffix}").st_mode) == 0o600, suffix
@@ -236,9 +238,9 @@ def test_open_refuses_what_is_not_a_manifest(tmp_path, db_path):
 def test_open_checks_the_schema_version(m, db_path):
     m.close()
     with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE meta SET value = X'32' WHERE key = 'schema_version'")
+        db.execute("UPDATE meta SET value = X'33' WHERE key = 'schema_version'")
     db.close()
-    with pytest.raises(FormatError, match="schema version 2") as info:
+    with pytest.raises(FormatError, match="schema version 3") as info:
         Manifest.open(db_path)
     assert info.value.hint is not None and "upgrade" in info.value.hint
     with sqlite3.connect(db_path) as db:
@@ -902,3 +904,97 @@ def test_commit_version_compare_and_swap(tmp_path: Path) -> None:
         assert m.get(f.ino).cid == "bafyone"  # type: ignore[union-attr]
         m.commit_version(f.ino, cid="bafytwo", wraps={"o": b"w"}, expected_cid="bafyone", **common)  # type: ignore[arg-type]
         assert m.get(f.ino).cid == "bafytwo"  # type: ignore[union-attr]
+
+
+# -- pin groups: versions kept by one pin of the directory they were uploaded in ----------------
+
+
+def version(ino: int, cid: str) -> mf.NewVersion:
+    return mf.NewVersion(ino, cid, b"s" * 32, 10, 1, T0 + 5, T0 + 6, {OWNER: b"w-" + cid.encode()})
+
+
+def test_a_group_is_unpinned_only_once_it_keeps_no_version(m):
+    a, b = mkfile(m, ROOT_INODE, b"a"), mkfile(m, ROOT_INODE, b"b")
+    assert commit(m, a.ino, "a0") is None  # a first version replaces nothing
+    # a0 was pinned on its own: replacing it hands that pin back to the caller.
+    assert m.commit_group([version(a.ino, "a1"), version(b.ino, "b1")], "g1") == ["a0"]
+    assert (m.get(a.ino).cid, m.get(b.ino).cid) == ("a1", "b1")
+    assert m.wraps(b.ino) == {OWNER: b"w-b1"}
+    assert m.pin_group_of("a1") == m.pin_group_of("b1") == "g1"
+    assert m.pin_groups() == {"g1"}
+    # Replacing a1 leaves g1 pinned, since it still keeps b1; replacing b1 frees it.
+    assert commit(m, a.ino, "a2") is None
+    assert m.pin_groups() == {"g1"} and m.pin_group_of("a1") is None
+    assert m.commit_group([version(b.ino, "b2")], "g2") == ["g1"]
+    assert m.pin_groups() == {"g2"}
+    # A deleted file's version: released by the caller, through the same rule.
+    assert m.release("b2") == "g2"
+    assert m.release("a2") == "a2"  # pinned on its own
+    assert m.pin_groups() == set()
+
+
+def test_a_group_commit_is_one_transaction(m):
+    a = mkfile(m, ROOT_INODE, b"a")
+    d = mkdir(m, ROOT_INODE, b"d")
+    with pytest.raises(IsADirectoryError):
+        m.commit_group([version(a.ino, "a1"), version(d.ino, "d1")], "g1")
+    assert m.get(a.ino).cid is None
+    assert m.pin_groups() == set()
+    with pytest.raises(ValueError):
+        m.commit_group([], "g1")
+
+
+def test_restored_versions_forget_their_groups(m):
+    a = mkfile(m, ROOT_INODE, b"a")
+    m.commit_group([version(a.ino, "a1")], "g1")
+    m.forget_pin_groups()
+    assert m.pin_groups() == set()
+    assert commit(m, a.ino, "a2") == "a1"  # now pinned on its own
+
+
+def test_a_schema_1_manifest_gains_pin_groups_when_opened(m, db_path):
+    a = mkfile(m, ROOT_INODE, b"a")
+    commit(m, a.ino, "a0")
+    m.close()
+    with sqlite3.connect(db_path) as db:  # what medfs before pin groups wrote
+        db.execute("DROP TABLE pin_groups")
+        db.execute("UPDATE meta SET value = X'31' WHERE key = 'schema_version'")
+    db.close()
+    with reopen(db_path) as again:
+        assert again.get_meta("schema_version") == b"2"
+        assert again.get(a.ino).cid == "a0"
+        assert again.commit_group([version(a.ino, "a1")], "g1") == ["a0"]
+
+
+def test_deferred_commits_are_synced_on_request(m, db_path):
+    m.defer_sync()
+    (synchronous,) = m._conn.execute("PRAGMA synchronous").fetchone()
+    assert synchronous == 1  # NORMAL: a commit waits for no fsync
+    mkfile(m, ROOT_INODE, b"a")
+    m.sync_to_disk()  # only fsyncs; what it promises is the file system's to keep
+    with reopen(db_path) as other:
+        assert other.lookup(ROOT_INODE, b"a") is not None
+
+
+def test_syncing_keeps_the_locks_other_processes_rely_on(m, db_path):
+    """Closing a second descriptor of a database file drops the process's POSIX locks on it;
+    a connection of another process closing then thinks itself the last and takes the WAL
+    (and the commits in it) away from this one."""
+    reader = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
+        " print(db.execute('SELECT count(*) FROM dirents').fetchone()[0]); db.close()"
+    )
+
+    def entries_seen_by_another_process() -> int:
+        out = subprocess.run([sys.executable, "-c", reader, str(db_path)], capture_output=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    m.defer_sync()
+    mkfile(m, ROOT_INODE, b"a")
+    m.sync_to_disk()
+    assert entries_seen_by_another_process() == 1  # a CLI command while mounted
+    mkfile(m, ROOT_INODE, b"b")
+    m.sync_to_disk()
+    assert entries_seen_by_another_process() == 2
+    assert m.lookup(ROOT_INODE, b"b") is not None
