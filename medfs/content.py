@@ -6,7 +6,11 @@ decrypted segments in a bounded LRU cache.
 
 A *draft* is what a file becomes while it is written. A file written from its start, in order
 (cp, rsync, tar, dd), streams: each write is encrypted and sent into a running IPFS add, so a
-closed file is already uploaded and there is no second pass over the data. Any other pattern
+closed file is already uploaded and there is no second pass over the data. Until it passes
+`SMALL_FILE` it is only held in memory: most records are small, and a small file is sealed in
+one piece when it is closed and left in the staging area for a group upload with others (one
+request and one pin for many files, where each upload of its own costs a request and a pin that
+dwarf the work on its bytes). Any other pattern
 (random writes, in-place edits, truncation, reading back while writing) turns the draft into an
 overlay of 64 KiB blocks over a base version; changed blocks live in the staging area, encrypted
 under a key that exists only in this process's memory, and commit re-encrypts the whole file
@@ -53,6 +57,8 @@ MAX_READAHEAD = 128
 UPLOAD_QUEUE = 64
 # How many segments an overlay commit reads from its base in one range request.
 COMMIT_BATCH = 64
+# A file written in order is held in memory up to this size, then streamed into an upload.
+SMALL_FILE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class Version:
 @dataclass(frozen=True)
 class Sealed:
     """A new version, encrypted in full: uploaded (`cid`), or waiting in `spool` if the
-    upload failed (`error` says why)."""
+    upload failed (`error` says why), or not tried yet (neither: a small file, for a group)."""
 
     key: bytes
     salt: bytes
@@ -339,6 +345,28 @@ class StagedFile:
         self._fh.close()
 
 
+def seal_small(directory: Path, plaintext: bytes) -> Sealed:
+    """Encrypt a small file in one piece under a fresh key into the staging area (blocking).
+
+    Not fsynced: the file survives the daemon being killed, and what must survive a power cut
+    is synced once it is known not to be uploaded soon (`PendingStore.sync`)."""
+    key = format.new_content_key()
+    ciphertext = format.encrypt_bytes(key, plaintext)
+    spool = directory / f"{os.urandom(12).hex()}.obj"
+    fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(ciphertext)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        spool.unlink()
+        raise
+    os.close(fd)
+    salt = format.Header.parse(ciphertext[: format.HEADER_SIZE]).salt
+    return Sealed(key, salt, len(plaintext), spool, None, None)
+
+
 class Spool:
     """One encrypted object being written to the staging area while it is uploaded.
 
@@ -531,6 +559,7 @@ class Draft:
         self.mtime_ns = 0  # what the new version's mtime will be: last write or utimens
         self.lock = trio.Lock()
         self._stream: StreamFeed | None = None
+        self._small = bytearray()  # all of a streamable file until it outgrows SMALL_FILE
         self._staged: StagedFile | None = None
         self._garbage: list[str] = []  # temporary objects to unpin once committed
         self._garbage_spools: list[Path] = []  # and their local copies
@@ -538,6 +567,10 @@ class Draft:
     @property
     def _streamable(self) -> bool:
         return self._staged is None and self.base_visible == 0
+
+    @property
+    def _in_memory(self) -> bool:
+        return self._streamable and self._stream is None
 
     # -- blocks -------------------------------------------------------------------------------
 
@@ -615,6 +648,9 @@ class Draft:
             if sealed.cid is not None:
                 self._garbage.append(sealed.cid)
         self._staged = self.staging.new_file()
+        small, self._small = bytes(self._small), bytearray()
+        if small:
+            await trio.to_thread.run_sync(self._write_sync, 0, small)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -622,8 +658,15 @@ class Draft:
         async with self.lock:
             self.dirty = True
             if self._streamable and offset == self.size:
+                if self._stream is None and self.size + len(data) <= SMALL_FILE:
+                    self._small += data
+                    self.size += len(data)
+                    return
                 if self._stream is None:
                     self._stream = StreamFeed(self.reader.ipfs, self.staging.directory)
+                    small, self._small = bytes(self._small), bytearray()
+                    if small:
+                        await self._stream.write(small)
                 await self._stream.write(data)
                 self.size += len(data)
                 return
@@ -635,14 +678,17 @@ class Draft:
             if size == self.size:
                 return
             self.dirty = True
-            if self._streamable and size == 0 and self._stream is None:
+            if self._in_memory and size == 0:
                 self.size = 0
+                self._small = bytearray()
                 return
             await self._to_overlay()
             await trio.to_thread.run_sync(self._truncate_sync, size)
 
     async def read(self, offset: int, length: int) -> bytes:
         async with self.lock:
+            if self._in_memory:
+                return bytes(self._small[offset : offset + length])
             if self._stream is not None:
                 await self._to_overlay()
             return await trio.to_thread.run_sync(self._read_sync, offset, length)
@@ -657,6 +703,9 @@ class Draft:
             if self._stream is not None:
                 stream, self._stream = self._stream, None
                 sealed = await stream.finish()
+            elif self._in_memory:
+                small, self._small = bytes(self._small), bytearray()
+                sealed = await trio.to_thread.run_sync(seal_small, self.staging.directory, small)
             else:
                 job = SealAndUpload(
                     self.reader.ipfs, self.staging.directory, self._blocks_for_upload()
@@ -717,6 +766,7 @@ class Draft:
         return garbage
 
     def discard(self) -> None:
+        self._small = bytearray()
         if self._stream is not None:
             self._stream.abort()
             self._stream = None
@@ -767,7 +817,11 @@ class PendingStore:
         self.directory = directory
         self._aead = AESGCM(key)
 
-    def save(self, ino: int, sealed: Sealed, mtime_ns: int) -> PendingRecord:
+    def save(
+        self, ino: int, sealed: Sealed, mtime_ns: int, *, durable: bool = True
+    ) -> PendingRecord:
+        """Record `sealed` as waiting for upload. Without `durable` nothing is fsynced: the
+        record survives the daemon being killed, and `sync` makes it survive a power cut."""
         record = PendingRecord(
             ino, sealed.spool, sealed.key, sealed.salt, sealed.size, mtime_ns,
             sealed.spool.with_suffix(".pending"),
@@ -781,16 +835,33 @@ class PendingStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, nonce + self._aead.encrypt(nonce, body, self.AAD))
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         tmp.replace(record.meta)
+        if durable:
+            self._sync_directory()
+        return record
+
+    def sync(self, records: Iterable[PendingRecord]) -> None:
+        """Make records saved without `durable` survive a power cut (blocking)."""
+        for record in records:
+            for path in (record.spool, record.meta):
+                with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dir_fd)  # both names must survive a crash
+            os.fsync(dir_fd)  # the names must survive a crash too
         finally:
             os.close(dir_fd)
-        return record
 
     def load(self) -> list[PendingRecord]:
         found = []

@@ -5,8 +5,13 @@ exception to an errno (and logs the unexpected ones), so nothing else ever reach
 
 Inode numbers are the manifest's. A file's content is committed as a new version when a
 handle that wrote to it is flushed or fsynced (close(2) flushes); a path-based truncate commits
-at once. An unlinked file keeps its inode, and stays readable, until the kernel forgets it and
-its last handle is released.
+at once. A small file's version is sealed at close and committed with the others closed about
+then, in a group (one upload, one pin, one manifest transaction, one audit fsync); close
+returns once it is sealed in the staging area, where it survives the daemon being killed, and
+fsync(2) of the file or of any directory returns once it is pinned and committed.
+
+An unlinked file keeps its inode, and stays readable, until the kernel forgets it and its last
+handle is released.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -32,6 +37,7 @@ from medfs import format, recipients
 from medfs.audit import AuditLog
 from medfs.content import (
     MAX_READAHEAD,
+    SMALL_FILE,
     ContentError,
     Draft,
     PendingRecord,
@@ -44,7 +50,7 @@ from medfs.content import (
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.identity import Identity, PublicIdentity
 from medfs.layout import SEGMENT_SIZE
-from medfs.manifest import Inode, Manifest
+from medfs.manifest import Inode, Manifest, NewVersion
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,12 @@ SEG = SEGMENT_SIZE
 # A reader this far into a sequential streak gets its next window fetched in the background.
 PREFETCH_AFTER = 16
 SEQUENTIAL_SLACK = 1 << 20
+# The most small files one group upload carries: bounds the request (<= 512 MiB) and the time
+# a large backlog holds up the fsync of any one file in it.
+GROUP_FILES = 512
+# How long a sealed small file waits for others to join its group, unless an fsync waits on it:
+# a group upload costs a request, a pin and three fsyncs whatever its size.
+GROUP_DELAY = 0.05
 
 # Metadata changes only through this daemon, which answers with fresh attributes each time; a
 # short timeout still bounds how stale a view can be after a share or umount flush.
@@ -144,16 +156,26 @@ class Filesystem(pyfuse3.Operations):
         retry_interval: float = 5.0,
     ) -> None:
         super().__init__()
+        if not read_only:
+            # Commits then wait for no fsync on this thread; `_durable` syncs where it counts.
+            manifest.defer_sync()
         self.journal = journal
         self.pending_store = pending
         self.renew_api = renew_api
         self.retry_interval = retry_interval
         self._pending: dict[int, PendingRecord] = {}
+        # Wakes the committer: set when a small version waits; replaced after each round.
+        self._wake = trio.Event()
+        self._hurry = trio.Event()  # set when an fsync waits: no time for others to join
+        self._round_done = trio.Event()  # set (and replaced) after each upload round
+        self._round_error: str | None = None  # why the last round stopped, if it failed
+        self._round_lock = trio.Lock()
         self._commit_locks: dict[int, trio.Lock] = {}
         self._last_trouble = 0.0
         self._suspect = False  # a read failed: check the node (and restart it if it is ours)
         self.manifest = manifest
         self.owner = owner
+        self._owner_recipient = owner.public.recipient()  # parsing its key costs per commit
         self.reader = reader
         self.ipfs = reader.ipfs
         self.staging = staging
@@ -167,6 +189,7 @@ class Filesystem(pyfuse3.Operations):
         self._drafts: dict[int, Draft] = {}
         self._versions: dict[int, Version] = {}
         self._unlinked: set[int] = set()
+        self._paths: dict[int, str] = {}  # see _path; cleared by every rename and unlink
         self._last_open_cid: dict[int, str | None] = {}
         self._garbage: list[str] = []
         self._nursery: trio.Nursery | None = None
@@ -193,6 +216,7 @@ class Filesystem(pyfuse3.Operations):
                 log.info("removed %d unfinished objects from the staging area", swept)
             if self._pending:
                 log.info("%d versions wait in the staging area for upload", len(self._pending))
+                self._wake.set()
         if not self.read_only:
             # A file without any version was still being written when a daemon died: it was
             # never closed, so it never existed for anyone (closed files always have one).
@@ -210,6 +234,7 @@ class Filesystem(pyfuse3.Operations):
             return
         self.manifest.unlink(parent, path.rsplit(b"/", 1)[1], now_ns=time.time_ns())
         self.manifest.delete_inode(inode.ino)
+        self._paths.clear()
 
     async def shutdown(self) -> list[Pending]:
         """Commit every draft still dirty, try the pending uploads once more, unpin garbage;
@@ -220,7 +245,7 @@ class Filesystem(pyfuse3.Operations):
                 await self._commit(ino)
             except (ContentError, MedfsError) as err:
                 failed.append(Pending(ino, str(err)))
-        error = await self._retry_pending() if self._pending else None
+        error = await self._upload_round() if self._pending else None
         for ino in self._pending:
             failed.append(Pending(ino, f"not uploaded yet ({error}); kept in the staging area"))
         await trio.to_thread.run_sync(self._unpin_sync)
@@ -229,6 +254,24 @@ class Filesystem(pyfuse3.Operations):
         return failed
 
     # -- uploads that wait for the node -----------------------------------------------------------
+
+    async def _defer(self, ino: int, sealed: Sealed, mtime_ns: int) -> None:
+        """A small version, sealed in the staging area, waits for the next group upload."""
+        if self.pending_store is None:  # nowhere to wait: a group of one, now
+            try:
+                with open(sealed.spool, "rb") as fh:
+                    cid = await trio.to_thread.run_sync(self.ipfs.add, fh)
+            finally:
+                sealed.spool.unlink()
+            await self._publish(ino, cid, sealed.key, sealed.salt, sealed.size, mtime_ns)
+            return
+        save = functools.partial(self.pending_store.save, ino, sealed, mtime_ns, durable=False)
+        record = await trio.to_thread.run_sync(save)
+        older = self._pending.get(ino)
+        self._pending[ino] = record
+        if older is not None:
+            self.pending_store.remove(older)
+        self._wake.set()
 
     async def _keep_pending(self, ino: int, sealed: Sealed, mtime_ns: int) -> None:
         if self.pending_store is None:
@@ -247,10 +290,18 @@ class Filesystem(pyfuse3.Operations):
         )  # fmt: skip
 
     async def _retry_loop(self) -> None:
+        """Upload what waits: at once when a small version is sealed, every `retry_interval`
+        while the node fails."""
         while True:
-            await trio.sleep(self.retry_interval)
+            with trio.move_on_after(self.retry_interval):
+                await self._wake.wait()
+            with trio.move_on_after(GROUP_DELAY):
+                await self._hurry.wait()
+            self._wake, self._hurry = trio.Event(), trio.Event()
             if self._pending:
-                await self._retry_pending()
+                error = await self._upload_round()
+                if error is not None:
+                    await trio.sleep(self.retry_interval)  # the node is away: do not hammer it
             elif self._suspect:
                 self._suspect = False
                 try:
@@ -262,10 +313,42 @@ class Filesystem(pyfuse3.Operations):
         with open(record.spool, "rb") as fh:
             return self.ipfs.add(fh)
 
+    def _upload_group(self, records: Sequence[PendingRecord]) -> tuple[str, list[str]]:
+        return self.ipfs.add_group([r.spool.read_bytes() for r in records])
+
+    async def _upload_round(self) -> str | None:
+        """Upload and commit what waits in the staging area; the error that stopped it.
+
+        Small versions go up in groups, larger ones (uploads that failed earlier) one by one.
+        Whatever is still waiting when the node fails is synced to disk, since it may wait long.
+        """
+        try:
+            async with self._round_lock:  # two rounds at once would upload the same records
+                self._round_error = await self._retry_pending()
+        finally:
+            done, self._round_done = self._round_done, trio.Event()
+            done.set()
+        if self._round_error is not None and self.pending_store is not None:
+            waiting = list(self._pending.values())
+            await trio.to_thread.run_sync(self.pending_store.sync, waiting)
+        return self._round_error
+
     async def _retry_pending(self) -> str | None:
-        """Upload and commit what waits in the staging area; the error that stopped it."""
         assert self.pending_store is not None
+        while True:
+            records = list(self._pending.values())
+            small = [r for r in records if r.size <= SMALL_FILE][:GROUP_FILES]
+            if not small:
+                break
+            try:
+                group, cids = await trio.to_thread.run_sync(self._upload_group, small)
+            except (IPFSError, OSError) as err:
+                await self._node_trouble_or_log(err)
+                return err.message if isinstance(err, IPFSError) else str(err)
+            await self._publish_group(group, list(zip(small, cids, strict=True)))
         for ino, record in list(self._pending.items()):
+            if record.size <= SMALL_FILE:
+                continue  # sealed while the groups went up: the next round takes it
             try:
                 cid = await trio.to_thread.run_sync(self._upload_spool, record)
             except IPFSError as err:
@@ -276,15 +359,96 @@ class Filesystem(pyfuse3.Operations):
                     self._discard_later([cid])  # superseded or deleted while it was uploading
                     continue
                 await self._publish(ino, cid, record.key, record.salt, record.size, record.mtime_ns)
-                draft = self._drafts.get(ino)
-                if draft is not None:
-                    async with draft.lock:
-                        new = Version(cid, record.key, record.salt, record.size)
-                        draft.rebase(record.spool, new)
-                del self._pending[ino]
-                self.pending_store.remove(record)
+                await self._uploaded(record, cid)
             log.info("inode %d: the version kept in the staging area is now uploaded", ino)
         return None
+
+    async def _node_trouble_or_log(self, err: IPFSError | OSError) -> None:
+        if isinstance(err, IPFSError):
+            await self._node_trouble(err)
+        else:  # a staging file could not be read: it stays, and is retried
+            log.error("cannot read the staging area for an upload: %s", err)
+
+    async def _publish_group(self, group: str, uploaded: list[tuple[PendingRecord, str]]) -> None:
+        """Commit the versions one group upload carried, those still current, at once."""
+        assert self.pending_store is not None
+        live: list[tuple[PendingRecord, str, bytes]] = []  # with the entry id wraps bind to
+        for record, cid in uploaded:
+            if not self._committable(record):
+                continue
+            inode = self.manifest.get(record.ino)
+            if inode is None:  # cannot happen (freeing drops the record); never loop on it
+                del self._pending[record.ino]
+                self.pending_store.remove(record)
+                continue
+            live.append((record, cid, inode.entry_id))
+        jobs = [(self._recipients(r.ino), entry_id, r.key, r.salt) for r, _, entry_id in live]
+        wraps = await trio.to_thread.run_sync(self._wrap_group, jobs)
+        # Back on the trio thread: a save that superseded one of them meanwhile wins.
+        now = time.time_ns()
+        versions, events = [], []
+        for (record, cid, _), wrapped in zip(live, wraps, strict=True):
+            if not self._committable(record):
+                continue
+            versions.append(NewVersion(record.ino, cid, record.salt, record.size,
+                                       format.VERSION, record.mtime_ns, now, wrapped))  # fmt: skip
+            events.append(("version", cid, {"path": self._path(record.ino), "size": record.size,
+                                            "recipients": sorted(wrapped)}))  # fmt: skip
+        if not versions:
+            self._discard_later([group])  # it keeps nothing anyone still needs
+            return
+        unpin = self.manifest.commit_group(versions, group)
+        committed = {v.ino: v.cid for v in versions}
+        for record, cid, _ in live:
+            if committed.get(record.ino) == cid:
+                self._versions[record.ino] = Version(cid, record.key, record.salt, record.size)
+        self.stats.commits += len(versions)
+        await self._durable(events)  # before the staging copies go
+        self._discard_later(unpin)
+        for record, cid, _ in live:
+            if committed.get(record.ino) == cid:
+                await self._uploaded(record, cid)
+
+    def _committable(self, record: PendingRecord) -> bool:
+        """Whether `record` may become its file's version now: not superseded, its file not
+        deleted (freeing drops the record), and no save of that file under way, which would
+        record its newer version first if this one were committed behind it (it is left
+        for the next round, which finds it superseded or free to go)."""
+        lock = self._commit_locks.get(record.ino)
+        return self._pending.get(record.ino) is record and (lock is None or not lock.locked())
+
+    @staticmethod
+    def _wrap_group(
+        jobs: list[tuple[list[recipients.Recipient], bytes, bytes, bytes]],
+    ) -> list[dict[str, bytes]]:
+        return [Filesystem._wrap_all(*job) for job in jobs]
+
+    async def _uploaded(self, record: PendingRecord, cid: str) -> None:
+        """`record` is committed as `cid`: drafts read it from IPFS now, its files can go."""
+        assert self.pending_store is not None
+        draft = self._drafts.get(record.ino)
+        if draft is not None:
+            async with draft.lock:
+                draft.rebase(record.spool, Version(cid, record.key, record.salt, record.size))
+        if self._pending.get(record.ino) is record:
+            del self._pending[record.ino]
+        self.pending_store.remove(record)
+
+    async def _wait_committed(self, inos: set[int] | None) -> None:
+        """Until the versions waiting for `inos` (None: all) are committed, or an upload
+        round failed: then they are on disk in the staging area (synced), as after a close
+        while the node is down."""
+
+        def waiting() -> bool:
+            return any(inos is None or ino in inos for ino in self._pending)
+
+        while waiting():
+            done = self._round_done
+            self._wake.set()
+            self._hurry.set()
+            await done.wait()
+            if self._round_error is not None:
+                return
 
     async def _node_trouble(self, err: IPFSError) -> None:
         now = time.monotonic()
@@ -375,14 +539,18 @@ class Filesystem(pyfuse3.Operations):
     def _draft(self, inode: Inode) -> Draft:
         draft = self._drafts.get(inode.ino)
         if draft is None:
-            draft = Draft(self.reader, self.staging, self._version(inode), inode.size)
-            draft.mtime_ns = inode.mtime_ns
+            # A version waiting in the staging area is newer than what the manifest says.
+            version = self._version(inode)
+            waiting = self._pending.get(inode.ino)
+            size = version.size if version is not None else inode.size
+            draft = Draft(self.reader, self.staging, version, size)
+            draft.mtime_ns = waiting.mtime_ns if waiting is not None else inode.mtime_ns
             self._drafts[inode.ino] = draft
         return draft
 
     def _recipients(self, ino: int) -> list[recipients.Recipient]:
         """The owner, and everyone a grant on this file or a directory above it names."""
-        found = [self.owner.public.recipient()]
+        found = [self._owner_recipient]
         for public in self.manifest.grantees(ino).values():
             found.append(PublicIdentity.from_text(public.decode()).recipient())
         return found
@@ -408,6 +576,10 @@ class Filesystem(pyfuse3.Operations):
         if sealed is None:
             return
         mtime_ns = draft.mtime_ns or time.time_ns()
+        if sealed.cid is None and sealed.error is None:
+            self._discard_later(draft.take_garbage())  # superseded whatever becomes of it
+            await self._defer(ino, sealed, mtime_ns)
+            return
         if sealed.cid is None:
             await self._keep_pending(ino, sealed, mtime_ns)
             return
@@ -462,14 +634,18 @@ class Filesystem(pyfuse3.Operations):
         record = self._pending.pop(ino, None)
         if record is not None and self.pending_store is not None:
             self.pending_store.remove(record)
-        inode = self.manifest.delete_inode(ino)
+        inode = self.manifest.get(ino)
+        current = inode.cid if inode is not None else None
+        # Released first: a crash in between can only leave a pin behind, never lose data.
+        unpin = self.manifest.release(current) if current is not None else None
+        self.manifest.delete_inode(ino)
         self._versions.pop(ino, None)
         draft = self._drafts.pop(ino, None)
         garbage = draft.take_garbage() if draft else []
         if draft is not None:
             draft.discard()
-        if inode.cid is not None:
-            garbage.append(inode.cid)
+        if unpin is not None:
+            garbage.append(unpin)
         self._discard_later(garbage)
 
     def _detach(self, inode: Inode) -> None:
@@ -480,14 +656,30 @@ class Filesystem(pyfuse3.Operations):
     # -- the audit log ----------------------------------------------------------------------------
 
     def _path(self, ino: int) -> str:
-        path = self.manifest.path_of(ino)
-        return os.fsdecode(path) if path is not None else f"(unlinked inode {ino})"
+        """The path the audit log names: remembered, since creating a file names it twice
+        (create, version) and each look-up decrypts every name up to the root."""
+        known = self._paths.get(ino)
+        if known is None:
+            path = self.manifest.path_of(ino)
+            if path is None:
+                return f"(unlinked inode {ino})"
+            known = self._paths[ino] = os.fsdecode(path)
+        return known
 
     async def _record(self, event: str, *, cid: str | None = None, **details: object) -> None:
-        """Record an event durably before the operation is acknowledged."""
-        if self.journal is not None:
-            append = functools.partial(self.journal.append, event, cid=cid, **details)
-            await trio.to_thread.run_sync(append)
+        """Make the manifest durable and record an event, before the operation is
+        acknowledged: the log never tells of a change a power cut could undo."""
+        await self._durable([(event, cid, details)])
+
+    async def _durable(
+        self, events: Sequence[tuple[str, str | None, Mapping[str, object]]]
+    ) -> None:
+        def sync() -> None:
+            self.manifest.sync_to_disk()
+            if self.journal is not None and events:
+                self.journal.append_many(events)
+
+        await trio.to_thread.run_sync(sync)
 
     def _record_read(self, ino: int, cid: str | None, ctx: pyfuse3.RequestContext) -> None:
         """Record an open for reading: batched, written within a second (no wait here)."""
@@ -631,6 +823,7 @@ class Filesystem(pyfuse3.Operations):
             raise _fail(errno.EISDIR)
         path = self._path(node.ino)
         self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        self._paths.clear()
         await self._record("delete", cid=node.cid, path=path, pid=ctx.pid, uid=ctx.uid)
         self._detach(node)
 
@@ -646,6 +839,7 @@ class Filesystem(pyfuse3.Operations):
             raise _fail(errno.ENOTEMPTY)
         path = self._path(node.ino)
         self.manifest.unlink(parent_inode, name, now_ns=time.time_ns())
+        self._paths.clear()
         await self._record("delete", path=path, kind="dir", pid=ctx.pid, uid=ctx.uid)
         self._detach(node)
 
@@ -686,6 +880,7 @@ class Filesystem(pyfuse3.Operations):
         replaced = self.manifest.rename(
             parent_inode_old, name_old, parent_inode_new, name_new, now_ns=time.time_ns()
         )
+        self._paths.clear()  # a directory's move renames everything below it
         await self._record(
             "rename", path=old_path, new_path=self._path(moved.ino), pid=ctx.pid, uid=ctx.uid,
             replaced=replaced is not None,
@@ -754,7 +949,13 @@ class Filesystem(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._new(parent_inode, name, "file", mode, ctx)
-        await self._record("create", path=self._path(node.ino), pid=ctx.pid, uid=ctx.uid)
+        if self.journal is not None:
+            # Queued, not synced: it reaches the disk with the file's first version at the
+            # latest (durable appends write the queue first), and a file is only created
+            # for anyone once that version exists.
+            self.journal.append_batched(
+                "create", path=self._path(node.ino), pid=ctx.pid, uid=ctx.uid
+            )
         draft = self._draft(node)
         draft.dirty = True  # even an empty new file becomes a (tiny) encrypted object
         fh = self._new_handle(node.ino, writable=True)
@@ -764,6 +965,11 @@ class Filesystem(pyfuse3.Operations):
 
     @_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        reading = (flags & os.O_ACCMODE) != os.O_WRONLY
+        if reading and inode in self._pending and self._round_error is None:
+            # Just closed and about to be committed: a reader gets (and the audit log names)
+            # the committed version. While the node fails, the staging copy serves at once.
+            await self._wait_committed({inode})
         node = self._inode(inode)
         if node.kind != "file":
             raise _fail(errno.EISDIR if node.kind == "dir" else errno.ELOOP)
@@ -779,7 +985,7 @@ class Filesystem(pyfuse3.Operations):
         # The kernel may keep cached pages only when the content is the one it cached before.
         unchanged = inode not in self._drafts and self._last_open_cid.get(inode, "") == node.cid
         self._last_open_cid[inode] = node.cid
-        if (flags & os.O_ACCMODE) != os.O_WRONLY:
+        if reading:
             self._record_read(inode, node.cid, ctx)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, writable), keep_cache=unchanged)
 
@@ -843,6 +1049,17 @@ class Filesystem(pyfuse3.Operations):
     @_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._save(fh)
+        handle = self._handles.get(fh)
+        if handle is not None:
+            await self._wait_committed({handle.ino})
+        await self._durable([])
+
+    @_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        # What a directory's entries are worth depends on the versions behind them: `sync DIR`
+        # after a `cp -r` returns once every small file closed before it is committed.
+        await self._wait_committed(None)
+        await self._durable([])
 
     @_op
     async def release(self, fh: int) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ParamSpec, TypeVar
 
@@ -223,6 +224,49 @@ class IPFS:
                 timeout=max(self.timeout, 30.0),
             )  # fmt: skip
         return str(result[-1]["Hash"])
+
+    def add_group(self, items: Sequence[bytes]) -> tuple[str, list[str]]:
+        """Add several small files in one request, as the entries of one directory that alone
+        is pinned; return (directory CID, each file's CID in order).
+
+        Kubo pins every top-level file of a request one by one (a synced datastore write
+        each, about 2 ms) but a directory tree with one pin; each file's CID is the same as if
+        it were added alone, so the caller can track which group keeps which file.
+        """
+        if not items:
+            raise ValueError("a group needs at least one file")
+        boundary = os.urandom(16).hex().encode()
+        parts = [
+            b'--%s\r\nContent-Disposition: form-data; name="file"; filename="g"\r\n'
+            b"Content-Type: application/x-directory\r\n\r\n\r\n" % boundary
+        ]
+        for i, data in enumerate(items):
+            parts.append(
+                b'--%s\r\nContent-Disposition: form-data; name="file"; filename="g%%2F%d"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n" % (boundary, i)
+            )
+            parts.append(bytes(data))
+            parts.append(b"\r\n")
+        parts.append(b"--%s--\r\n" % boundary)
+        headers = {"Content-Type": "multipart/form-data; boundary=" + boundary.decode()}
+        opts = {
+            "cid-version": "1",
+            "raw-leaves": "true",
+            "chunker": self.chunker,
+            "pin": "true",
+        }
+        with self._call("add data") as client:
+            result = client._client.request(
+                "/add", decoder="json", data=b"".join(parts), headers=headers, opts=opts,
+                timeout=max(self.timeout, 30.0),
+            )  # fmt: skip
+        by_name = {str(r["Name"]): str(r["Hash"]) for r in result}
+        try:
+            return by_name["g"], [by_name[f"g/{i}"] for i in range(len(items))]
+        except KeyError as err:
+            raise IPFSError(
+                f"the IPFS node at {self.api} did not report every file of a group add"
+            ) from err
 
     def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes [offset, offset+length) of a file; fewer only at the end of the file."""

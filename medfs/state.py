@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +135,43 @@ class Session:
     manifest_key: bytes
 
 
+# How long a command waits for a running mount to commit the small files it holds.
+SETTLE_TIMEOUT = 60.0
+
+
+def settle(layout: Layout, timeout: float = SETTLE_TIMEOUT) -> None:
+    """If this state is mounted (by another process), wait until the daemon has committed
+    every file closed so far: it commits small files in groups shortly after their close,
+    and a command reading the manifest must see them (a share must wrap the newest version).
+    An fsync of the mount's root asks exactly that of the daemon."""
+    info = holder(layout)
+    if not info or info.get("pid") == os.getpid() or not info.get("mountpoint"):
+        return
+
+    def sync() -> None:
+        with contextlib.suppress(OSError):  # not mounted (yet, or any more): nothing to wait for
+            fd = os.open(str(info["mountpoint"]), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # A daemon that hangs must not hang every command with it.
+    worker = threading.Thread(target=sync, name="medfs-settle", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        print(
+            f"medfs: warning: the mount at {info['mountpoint']} did not commit its newest files"
+            f" within {timeout:g} s; they are not included",
+            file=sys.stderr,
+        )
+
+
 def unlock(layout: Layout, passphrase: str) -> Session:
-    """Load the owner's identity and open the manifest with its names readable."""
+    """Load the owner's identity and open the manifest with its names readable (after a
+    running mount has committed what it holds)."""
+    settle(layout)
     config = read_config(layout)
     owner = identity.read_key_file(Path(str(config["key"])), passphrase)
     if not layout.manifest.exists():

@@ -311,13 +311,18 @@ class Bench:
         return self.figures
 
     def tree_figures(self) -> dict[str, float]:
-        """cp -r of the small-file tree into the mount, until durable (every close commits)."""
+        """cp -r of the small-file tree into the mount, until durable: small files are
+        committed in groups after their close, and `sync DIR` (fsync of the directory)
+        returns once every one is pinned and committed."""
         if "tree_cp_s" not in self.figures:
             tree = self.tree()
             with self.mounted() as mnt:
-                self.figures["tree_cp_s"] = timed(
-                    lambda: self.run("cp", "-r", str(tree), str(mnt / "tree"))
-                )
+
+                def copy() -> None:
+                    self.run("cp", "-r", str(tree), str(mnt / "tree"))
+                    self.run("sync", str(mnt / "tree"))
+
+                self.figures["tree_cp_s"] = timed(copy)
                 stats = self.mount_stats()
                 if stats.get("pending") or stats.get("deferred"):
                     raise BenchError(f"cp -r left versions uncommitted: {stats}")
@@ -499,8 +504,8 @@ def bench_tree(b: Bench) -> list[Row]:
     find_l = cold("find", str(tree))
     what = f"{n:,} files of {each // KiB} KiB"
     return [
-        Row("tree", f"cp -r of {what}, until durable", f["tree_cp_s"], "s", "ipfs add -r",
-            t_add, f["tree_cp_s"] / t_add, "time", "<= 1.5x the time",
+        Row("tree", f"cp -r of {what}, until durable (cp -r + sync DIR)", f["tree_cp_s"], "s",
+            "ipfs add -r", t_add, f["tree_cp_s"] / t_add, "time", "<= 1.5x the time",
             f["tree_cp_s"] / t_add <= 1.5),
         Row("tree", "ls -lR over them, cold (fresh mount, caches dropped)", ls_m, "s",
             "local disk", ls_l, ls_m / ls_l, "time"),

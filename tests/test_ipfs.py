@@ -187,3 +187,21 @@ async def test_async_round_trip(ipfs: IPFS) -> None:
 def test_bad_api_address() -> None:
     with pytest.raises(IPFSError, match="not a usable IPFS API address"):
         IPFS("localhost:5001").version()
+
+
+def test_a_group_add_pins_one_directory_that_keeps_every_file(ipfs: IPFS) -> None:
+    items = [pseudo_random(n, seed=b"group%d" % n) for n in (0, 1, 16384, MiB + 5)]
+    before = ipfs.pins()
+    group, cids = ipfs.add_group(items)
+    # Each file has the CID it would have added on its own, and reads back as itself...
+    assert cids == [ipfs.add(data, pin=False) for data in items]
+    assert [ipfs.cat(cid) for cid in cids] == items
+    # ... but only the directory is pinned: one pin for the whole group.
+    assert ipfs.pins() - before == {group}
+    ipfs.unpin(group)
+    assert group not in ipfs.pins()
+
+
+def test_a_group_needs_a_file(ipfs: IPFS) -> None:
+    with pytest.raises(ValueError):
+        ipfs.add_group([])

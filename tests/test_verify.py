@@ -42,6 +42,18 @@ def cid_of(m: Mounted, path: str) -> str:
     return str(json.loads(out.stdout)["cid"])
 
 
+def write_alone(ipfs: IPFS, path: Path, data: bytes) -> str:
+    """Write a small file and fsync it, so it is committed in a group of its own: the pin
+    that keeps it (small files are kept by the pin of the group they were uploaded in)."""
+    before = ipfs.pins()
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    (group,) = ipfs.pins() - before
+    return group
+
+
 def wait_unpinned(ipfs: IPFS, cid: str) -> None:
     deadline = time.monotonic() + 20
     while cid in ipfs.pins():
@@ -67,11 +79,11 @@ def test_clean_state_verifies_while_mounted_and_after(tmp_path: Path, kubo_api: 
 
 def test_unpinned_behind_our_back_is_repinned(tmp_path: Path, kubo_api: str, ipfs: IPFS) -> None:
     with mounted(tmp_path, kubo_api) as m:
-        (m.mnt / "keep.txt").write_bytes(b"a record that must stay")
+        kept_by = write_alone(ipfs, m.mnt / "keep.txt", b"a record that must stay")
         (m.mnt / "other.txt").write_bytes(b"another record")
         cid = cid_of(m, "/keep.txt")
         m.umount()
-        ipfs.unpin(cid)
+        ipfs.unpin(kept_by)
         out, report = verify(m, "--api", kubo_api)
         assert out.returncode == EXIT_PROBLEMS
         assert problems(report) == [("unpinned", "/keep.txt")]
@@ -80,8 +92,11 @@ def test_unpinned_behind_our_back_is_repinned(tmp_path: Path, kubo_api: str, ipf
         out = m.medfs("verify", "--api", kubo_api, "--repair")
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"repair: pinned {cid} (/keep.txt)" in out.stdout
-        assert cid in ipfs.pins()
+        assert cid in ipfs.pins()  # on its own now: its group no longer keeps it
         assert m.medfs("verify", "--api", kubo_api).returncode == 0
+        with mounted(tmp_path, kubo_api) as m:
+            (m.mnt / "keep.txt").unlink()  # and so its own pin goes with it
+        wait_unpinned(ipfs, cid)
 
 
 def test_orphan_pins_are_reported_and_unpinned_only_when_ours(
@@ -200,11 +215,11 @@ def test_on_its_own_node_every_orphan_counts_and_missing_is_reported(
     client = IPFS(api)
     try:
         with mounted(tmp_path, api) as m:
-            (m.mnt / "gone.txt").write_bytes(b"this record will be lost")
+            gone_by = write_alone(client, m.mnt / "gone.txt", b"this record will be lost")
             (m.mnt / "kept.txt").write_bytes(b"this one stays")
             m.umount()
         gone = cid_of(m, "/gone.txt")
-        client.unpin(gone)
+        client.unpin(gone_by)
         client.gc()  # now its blocks are gone from the node
         # A medfs object no record mentions, e.g. uploaded just before a crash, never committed.
         stray = client.add(format.encrypt_bytes(format.new_content_key(), b"never committed"))
