@@ -61,6 +61,7 @@ SEQUENTIAL_SLACK = 1 << 20
 # The most small files one group upload carries: bounds the request (<= 512 MiB) and the time
 # a large backlog holds up the fsync of any one file in it.
 GROUP_FILES = 512
+PREFERRED_IO = 1 << 20  # st_blksize: 16 segments; FUSE passes writes this large whole
 # How long a sealed small file waits for others to join its group, unless an fsync waits on it:
 # a group upload costs a request, a pin and three fsyncs whatever its size.
 GROUP_DELAY = 0.05
@@ -495,7 +496,9 @@ class Filesystem(pyfuse3.Operations):
         else:
             attrs.st_size = inode.size
             attrs.st_mtime_ns = inode.mtime_ns
-        attrs.st_blksize = 1 << 16
+        # The preferred I/O size: cp, cat and rsync size their buffers from it, and every
+        # request costs a round trip through FUSE and Python whatever its size.
+        attrs.st_blksize = PREFERRED_IO
         attrs.st_blocks = -(-attrs.st_size // 512)
         attrs.st_atime_ns = inode.atime_ns
         attrs.st_ctime_ns = inode.ctime_ns
@@ -1081,6 +1084,9 @@ class Filesystem(pyfuse3.Operations):
 
     @_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name not in (XATTR_CID, XATTR_INFO, XATTR_STATS):
+            # The kernel asks for security.capability before every write: answer at once.
+            raise _fail(pyfuse3.ENOATTR)
         node = self._inode(inode)
         if name == XATTR_CID:
             if node.cid is None:
