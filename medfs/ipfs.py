@@ -8,8 +8,11 @@ out as an `IPFSError` whose message names the node and the cause.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
+import json
 import threading
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import ipfshttpclient
     import ipfshttpclient.exceptions as ipfs_exc
+    import ipfshttpclient.http_common
     import ipfshttpclient.multipart
 
 # 1 MiB leaves: a GiB is 1,024 blocks instead of the default 4,096, which makes adds faster and
@@ -103,6 +107,9 @@ class IPFS:
         self.timeout = timeout
         self.chunker = chunker
         self._idle: list[Any] = []  # keep-alive sessions not in use by any thread
+        # Keep-alive connections for `cat`, each with the API address it was opened to.
+        self._idle_http: list[tuple[str, http.client.HTTPConnection]] = []
+        self._targets: dict[str, tuple[str, int] | None] = {}
         self._lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -177,12 +184,137 @@ class IPFS:
             idle, self._idle = self._idle, []
         for client in idle:
             client.close()
+        self._close_http()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for client in idle:
             client.close()
+        self._close_http()
+
+    # -- the read path ---------------------------------------------------------------------
+    #
+    # `cat` is the one call on the hot path of every FUSE read, so it skips ipfshttpclient and
+    # requests: through them a ranged cat costs a few milliseconds of Python per request
+    # (session and URL machinery, then the body gathered in small chunks and joined), which
+    # is most of a 4 KiB random read. Plain `http.client` on the same address reads the body
+    # straight into one buffer. This stays the only module that speaks HTTP to Kubo; other
+    # calls are rare and keep the client. Unix-socket and https APIs keep the client too.
+
+    def _target(self, api: str) -> tuple[str, int] | None:
+        """(host, port) of a plain-HTTP TCP API address, None for the others."""
+        with self._lock:
+            if api in self._targets:
+                return self._targets[api]
+        try:
+            url, uds, _family, _numeric = ipfshttpclient.http_common.multiaddr_to_url_data(
+                api, "/api/v0"
+            )
+        except ipfs_exc.AddressError as err:
+            raise IPFSError(
+                f"not a usable IPFS API address: {api}",
+                hint="give a multiaddr such as /ip4/127.0.0.1/tcp/5001",
+            ) from err
+        parts = urllib.parse.urlsplit(url)
+        target = None
+        if uds is None and parts.scheme == "http" and parts.hostname and parts.port:
+            target = (parts.hostname, parts.port)
+        with self._lock:
+            self._targets[api] = target
+        return target
+
+    def _borrow_http(self, api: str, target: tuple[str, int]) -> tuple[Any, bool]:
+        with self._lock:
+            while self._idle_http:
+                owner, conn = self._idle_http.pop()
+                if owner == api:
+                    return conn, True
+                conn.close()
+        return http.client.HTTPConnection(*target, timeout=self.timeout), False
+
+    def _return_http(self, api: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle_http) < MAX_IDLE_SESSIONS and api == self.api:
+                self._idle_http.append((api, conn))
+                return
+        conn.close()
+
+    def _close_http(self) -> None:
+        with self._lock:
+            idle, self._idle_http = self._idle_http, []
+        for _api, conn in idle:
+            conn.close()
+
+    def _cat_http(self, api: str, target: tuple[str, int], cid: str, query: str) -> bytes:
+        what = f"read {cid}"
+        for attempt in range(2):
+            conn, reused = self._borrow_http(api, target)
+            try:
+                return self._cat_on(api, conn, cid, query)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+                conn.close()
+                # A kept-alive connection the node closed while idle: once more on a new one
+                # (cat is idempotent). A timeout is never retried, so a hung node costs one
+                # `timeout`, not two.
+                if reused and attempt == 0:
+                    continue
+                raise self._transport_error(api, what, err) from err
+            except IPFSError:
+                conn.close()
+                raise
+            except (http.client.HTTPException, OSError) as err:
+                conn.close()
+                raise self._transport_error(api, what, err) from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _cat_on(self, api: str, conn: http.client.HTTPConnection, cid: str, query: str) -> bytes:
+        conn.request("POST", f"/api/v0/cat?{query}")
+        response = conn.getresponse()
+        if response.status != 200:
+            body = response.read()
+            try:
+                message = str(json.loads(body)["Message"])
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status} {response.reason}"
+            raise IPFSError(f"the IPFS node at {api} refused to read {cid}: {message}")
+        announced = response.getheader("X-Content-Length")
+        if announced is None or not announced.isdigit():
+            data = response.read()
+        else:
+            expected = int(announced)
+            buffer = bytearray(expected)
+            view = memoryview(buffer)
+            got = 0
+            while got < expected:
+                n = response.readinto(view[got:])
+                if n == 0:
+                    break
+                got += n
+            view.release()
+            rest = response.read()  # the final chunk and the trailers, so the socket is reusable
+            if got < expected:
+                # Kubo reports an error met mid-stream only in a trailer, which http.client
+                # drops: the short body is the sign.
+                raise IPFSError(
+                    f"the IPFS node at {api} stopped sending {cid} after {got} of {expected} bytes",
+                    hint="check the node's log ('medfs node status')",
+                )
+            data = bytes(buffer) + rest if rest else bytes(buffer)
+        if response.will_close:
+            conn.close()
+        else:
+            self._return_http(api, conn)
+        return data
+
+    def _transport_error(self, api: str, what: str, err: BaseException) -> IPFSError:
+        if isinstance(err, TimeoutError):
+            return IPFSError(
+                f"the IPFS API at {api} did not answer within {self.timeout:g} s"
+                f" (while trying to {what})",
+                hint="check that the node is running and not overloaded ('medfs node status')",
+            )
+        return IPFSError(f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -233,6 +365,11 @@ class IPFS:
         opts = {"offset": str(offset)}
         if length is not None:
             opts["length"] = str(length)
+        api = self.api
+        target = self._target(api)
+        if target is not None:
+            query = urllib.parse.urlencode({"arg": cid, **opts})
+            return self._cat_http(api, target, cid, query)
         with self._call(f"read {cid}") as client:
             data = client._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
         return bytes(data)
