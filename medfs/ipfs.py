@@ -8,9 +8,9 @@ out as an `IPFSError` whose message names the node and the cause.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import io
 import json
+import socket
 import threading
 import urllib.parse
 import warnings
@@ -39,6 +39,9 @@ DEFAULT_CHUNKER = "size-1048576"
 UPLOAD_CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
 MAX_IDLE_SESSIONS = 16
+# How much the read path asks of the socket at once, and the most header it accepts.
+RECV_CHUNK = 1 << 20
+MAX_HEADER_BYTES = 1 << 16
 NODE_HINT = "start the embedded node with 'medfs node start', or pass --api MULTIADDR"
 
 P = ParamSpec("P")
@@ -82,6 +85,13 @@ class IteratorReader(io.RawIOBase):
         return n
 
 
+def _recv_all(sock: socket.socket) -> bytes:
+    parts = []
+    while chunk := sock.recv(RECV_CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def _cause(err: BaseException) -> str:
     """The most specific human reason inside a requests/urllib3 exception chain."""
     text = str(err).lower()
@@ -107,8 +117,6 @@ class IPFS:
         self.timeout = timeout
         self.chunker = chunker
         self._idle: list[Any] = []  # keep-alive sessions not in use by any thread
-        # Keep-alive connections for `cat`, each with the API address it was opened to.
-        self._idle_http: list[tuple[str, http.client.HTTPConnection]] = []
         self._targets: dict[str, tuple[str, int] | None] = {}
         self._lock = threading.Lock()
 
@@ -184,23 +192,23 @@ class IPFS:
             idle, self._idle = self._idle, []
         for client in idle:
             client.close()
-        self._close_http()
 
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for client in idle:
             client.close()
-        self._close_http()
 
     # -- the read path ---------------------------------------------------------------------
     #
-    # `cat` is the one call on the hot path of every FUSE read, so it skips ipfshttpclient and
-    # requests: through them a ranged cat costs a few milliseconds of Python per request
-    # (session and URL machinery, then the body gathered in small chunks and joined), which
-    # is most of a 4 KiB random read. Plain `http.client` on the same address reads the body
-    # straight into one buffer. This stays the only module that speaks HTTP to Kubo; other
-    # calls are rare and keep the client. Unix-socket and https APIs keep the client too.
+    # `cat` is on the path of every FUSE read, so it does not go through ipfshttpclient and
+    # requests, nor http.client: Kubo streams a cat as HTTP/1.1 chunks of 4 KiB, and decoding
+    # them in Python cost ~4 CPU-seconds per GiB here (and a few ms per small range through
+    # requests). Asked in HTTP/1.0, Kubo sends the body raw and closes the connection, so it
+    # is read straight into one buffer: ~1 CPU-s per GiB, and a new loopback connection per
+    # request costs less than the chunk decoding of a 64 KiB range. Errors met mid-stream are
+    # seen as a body shorter than Kubo's X-Content-Length. This stays the only module that
+    # speaks HTTP to Kubo; unix-socket and https API addresses keep the client.
 
     def _target(self, api: str) -> tuple[str, int] | None:
         """(host, port) of a plain-HTTP TCP API address, None for the others."""
@@ -224,97 +232,76 @@ class IPFS:
             self._targets[api] = target
         return target
 
-    def _borrow_http(self, api: str, target: tuple[str, int]) -> tuple[Any, bool]:
-        with self._lock:
-            while self._idle_http:
-                owner, conn = self._idle_http.pop()
-                if owner == api:
-                    return conn, True
-                conn.close()
-        return http.client.HTTPConnection(*target, timeout=self.timeout), False
-
-    def _return_http(self, api: str, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            if len(self._idle_http) < MAX_IDLE_SESSIONS and api == self.api:
-                self._idle_http.append((api, conn))
-                return
-        conn.close()
-
-    def _close_http(self) -> None:
-        with self._lock:
-            idle, self._idle_http = self._idle_http, []
-        for _api, conn in idle:
-            conn.close()
-
-    def _cat_http(self, api: str, target: tuple[str, int], cid: str, query: str) -> bytes:
-        what = f"read {cid}"
-        for attempt in range(2):
-            conn, reused = self._borrow_http(api, target)
-            try:
-                return self._cat_on(api, conn, cid, query)
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
-                conn.close()
-                # A kept-alive connection the node closed while idle: once more on a new one
-                # (cat is idempotent). A timeout is never retried, so a hung node costs one
-                # `timeout`, not two.
-                if reused and attempt == 0:
-                    continue
-                raise self._transport_error(api, what, err) from err
-            except IPFSError:
-                conn.close()
-                raise
-            except (http.client.HTTPException, OSError) as err:
-                conn.close()
-                raise self._transport_error(api, what, err) from err
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _cat_on(self, api: str, conn: http.client.HTTPConnection, cid: str, query: str) -> bytes:
-        conn.request("POST", f"/api/v0/cat?{query}")
-        response = conn.getresponse()
-        if response.status != 200:
-            body = response.read()
-            try:
-                message = str(json.loads(body)["Message"])
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {response.status} {response.reason}"
-            raise IPFSError(f"the IPFS node at {api} refused to read {cid}: {message}")
-        announced = response.getheader("X-Content-Length")
-        if announced is None or not announced.isdigit():
-            data = response.read()
-        else:
-            expected = int(announced)
-            buffer = bytearray(expected)
-            view = memoryview(buffer)
-            got = 0
-            while got < expected:
-                n = response.readinto(view[got:])
-                if n == 0:
-                    break
-                got += n
-            view.release()
-            rest = response.read()  # the final chunk and the trailers, so the socket is reusable
-            if got < expected:
-                # Kubo reports an error met mid-stream only in a trailer, which http.client
-                # drops: the short body is the sign.
-                raise IPFSError(
-                    f"the IPFS node at {api} stopped sending {cid} after {got} of {expected} bytes",
-                    hint="check the node's log ('medfs node status')",
-                )
-            data = bytes(buffer) + rest if rest else bytes(buffer)
-        if response.will_close:
-            conn.close()
-        else:
-            self._return_http(api, conn)
-        return data
-
-    def _transport_error(self, api: str, what: str, err: BaseException) -> IPFSError:
-        if isinstance(err, TimeoutError):
-            return IPFSError(
+    def _cat_raw(self, api: str, target: tuple[str, int], cid: str, query: str) -> bytes:
+        host, port = target
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        request = (
+            f"POST /api/v0/cat?{query} HTTP/1.0\r\nHost: {netloc}\r\nContent-Length: 0\r\n\r\n"
+        ).encode("ascii")
+        try:
+            # The timeout bounds the connect and every receive: a node that hangs (SIGSTOP)
+            # is given up on after `timeout` seconds without data, never waited on for ever.
+            with socket.create_connection(target, timeout=self.timeout) as sock:
+                sock.sendall(request)
+                return self._cat_response(api, sock, cid)
+        except IPFSError:
+            raise
+        except TimeoutError as err:
+            raise IPFSError(
                 f"the IPFS API at {api} did not answer within {self.timeout:g} s"
-                f" (while trying to {what})",
+                f" (while trying to read {cid})",
                 hint="check that the node is running and not overloaded ('medfs node status')",
+            ) from err
+        except (OSError, ValueError) as err:
+            raise IPFSError(
+                f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT
+            ) from err
+
+    def _cat_response(self, api: str, sock: socket.socket, cid: str) -> bytes:
+        head = bytearray()
+        while (end := head.find(b"\r\n\r\n")) < 0:
+            if len(head) > MAX_HEADER_BYTES:
+                raise ValueError("the node sent an oversized HTTP header")
+            more = sock.recv(RECV_CHUNK)
+            if not more:
+                raise ConnectionResetError("remote end closed connection without response")
+            head += more
+        body = memoryview(head)[end + 4 :]
+        lines = bytes(head[:end]).decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        if len(status) < 2 or not status[0].startswith("HTTP/") or not status[1].isdigit():
+            raise ValueError(f"not an HTTP response from the node: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        announced = headers.get("x-content-length", "")
+        if status[1] != "200" or not announced.isdigit():
+            data = bytes(body) + _recv_all(sock)
+            if status[1] != "200":
+                try:
+                    message = str(json.loads(data)["Message"])
+                except (ValueError, KeyError, TypeError):
+                    message = " ".join(status[1:])
+                raise IPFSError(f"the IPFS node at {api} refused to read {cid}: {message}")
+            return data
+        expected = int(announced)
+        buffer = bytearray(expected)
+        view = memoryview(buffer)
+        got = min(len(body), expected)
+        view[:got] = body[:got]
+        while got < expected:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                break
+            got += n
+        view.release()
+        if got < expected:
+            raise IPFSError(
+                f"the IPFS node at {api} stopped sending {cid} after {got} of {expected} bytes",
+                hint="check the node's log ('medfs node status')",
             )
-        return IPFSError(f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT)
+        return bytes(buffer)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -369,7 +356,7 @@ class IPFS:
         target = self._target(api)
         if target is not None:
             query = urllib.parse.urlencode({"arg": cid, **opts})
-            return self._cat_http(api, target, cid, query)
+            return self._cat_raw(api, target, cid, query)
         with self._call(f"read {cid}") as client:
             data = client._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
         return bytes(data)

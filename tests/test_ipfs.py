@@ -187,3 +187,59 @@ async def test_async_round_trip(ipfs: IPFS) -> None:
 def test_bad_api_address() -> None:
     with pytest.raises(IPFSError, match="not a usable IPFS API address"):
         IPFS("localhost:5001").version()
+
+
+def test_cat_from_a_silent_node_times_out(silent_server: SilentServer) -> None:
+    client = IPFS(f"/ip4/127.0.0.1/tcp/{silent_server.port}", timeout=1)
+    with pytest.raises(IPFSError, match=r"did not answer within 1 s \(while trying to read"):
+        client.cat("bafkqaaa", 0, 10)
+
+
+class OneShotServer:
+    """Answers every connection with `reply` and closes it: a node that misbehaves."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (
+            b"HTTP/1.0 200 OK\r\nX-Content-Length: 100\r\n\r\n" + b"x" * 40,
+            "stopped sending bafkqaaa after 40 of 100 bytes",
+        ),
+        (b"", "cannot reach the IPFS API at .*: connection closed by the node"),
+        (
+            b'HTTP/1.0 500 Internal Server Error\r\n\r\n{"Message": "block was not found"}',
+            "refused to read bafkqaaa: block was not found",
+        ),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "cannot reach the IPFS API at .*: not an HTTP response"),
+    ],
+)
+def test_cat_errors_are_ipfs_errors(reply: bytes, message: str) -> None:
+    server = OneShotServer(reply)
+    try:
+        with pytest.raises(IPFSError, match=message):
+            IPFS(f"/ip4/127.0.0.1/tcp/{server.port}", timeout=5).cat("bafkqaaa", 0, 100)
+    finally:
+        server.close()
