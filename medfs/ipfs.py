@@ -232,7 +232,9 @@ class IPFS:
             self._targets[api] = target
         return target
 
-    def _cat_raw(self, api: str, target: tuple[str, int], cid: str, query: str) -> bytes:
+    def _cat_raw(
+        self, api: str, target: tuple[str, int], cid: str, query: str
+    ) -> bytes | bytearray:
         host, port = target
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = (
@@ -257,7 +259,7 @@ class IPFS:
                 f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT
             ) from err
 
-    def _cat_response(self, api: str, sock: socket.socket, cid: str) -> bytes:
+    def _cat_response(self, api: str, sock: socket.socket, cid: str) -> bytes | bytearray:
         head = bytearray()
         while (end := head.find(b"\r\n\r\n")) < 0:
             if len(head) > MAX_HEADER_BYTES:
@@ -301,7 +303,7 @@ class IPFS:
                 f"the IPFS node at {api} stopped sending {cid} after {got} of {expected} bytes",
                 hint="check the node's log ('medfs node status')",
             )
-        return bytes(buffer)
+        return buffer
 
     # -- operations ------------------------------------------------------------------------
 
@@ -345,6 +347,12 @@ class IPFS:
 
     def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes [offset, offset+length) of a file; fewer only at the end of the file."""
+        data = self.cat_buffer(cid, offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def cat_buffer(self, cid: str, offset: int = 0, length: int | None = None) -> bytes | bytearray:
+        """`cat` without the copy into `bytes`: the read path decrypts straight from the
+        buffer the response was received into."""
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         if length == 0:
