@@ -7,6 +7,7 @@ out as an `IPFSError` whose message names the node and the cause.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -14,6 +15,7 @@ import socket
 import threading
 import urllib.parse
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, ParamSpec, TypeVar
@@ -39,6 +41,12 @@ DEFAULT_CHUNKER = "size-1048576"
 UPLOAD_CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
 MAX_IDLE_SESSIONS = 16
+# Ranges up to this size are read from the one leaf that holds them (see `_locate`).
+LEAF_RANGE_MAX = 256 << 10
+MAX_DAG_DEPTH = 8
+DAG_CACHE_NODES = 4096
+CODEC_DAG_PB = 0x70
+UNIXFS_RAW, UNIXFS_FILE = 0, 2
 # How much the read path asks of the socket at once, and the most header it accepts.
 RECV_CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 16
@@ -92,6 +100,63 @@ def _recv_all(sock: socket.socket) -> bytes:
     return b"".join(parts)
 
 
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _cid_codec(cid: str) -> int | None:
+    """The multicodec of a CIDv0 or base32 CIDv1 string; None for other spellings."""
+    if len(cid) == 46 and cid.startswith("Qm"):
+        return CODEC_DAG_PB
+    if not cid.startswith("b"):
+        return None
+    text = cid[1:].upper()
+    try:
+        raw = base64.b32decode(text + "=" * (-len(text) % 8))
+        version, at = _varint(raw, 0)
+        codec, _ = _varint(raw, at)
+    except (ValueError, IndexError):
+        return None
+    return codec if version == 1 else None
+
+
+def _file_children(node: Any) -> tuple[tuple[str, int], ...] | None:
+    """Links and their file sizes from `dag/get` of a dag-pb unixfs file node, or None when it
+    is not one (a directory, inline data) and so is left to Kubo to read."""
+    text = node["Data"]["/"]["bytes"]
+    data = base64.b64decode(text + "=" * (-len(text) % 4))
+    kind, sizes, at = None, [], 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+            if field == 1:
+                kind = value
+            elif field == 4:
+                sizes.append(value)
+        elif wire == 2:
+            n, at = _varint(data, at)
+            if field == 2 and n:
+                return None  # data inline in an inner node: offsets would not add up
+            at += n
+        else:
+            return None
+    links = node["Links"]
+    if kind not in (UNIXFS_FILE, UNIXFS_RAW) or len(links) != len(sizes) or not links:
+        return None
+    return tuple((str(link["Hash"]["/"]), size) for link, size in zip(links, sizes, strict=True))
+
+
 def _cause(err: BaseException) -> str:
     """The most specific human reason inside a requests/urllib3 exception chain."""
     text = str(err).lower()
@@ -118,6 +183,8 @@ class IPFS:
         self.chunker = chunker
         self._idle: list[Any] = []  # keep-alive sessions not in use by any thread
         self._targets: dict[str, tuple[str, int] | None] = {}
+        # Inner nodes of file DAGs met by `cat` (see `_locate`), least recently used first.
+        self._dag: OrderedDict[str, tuple[tuple[str, int], ...] | None] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -232,13 +299,15 @@ class IPFS:
             self._targets[api] = target
         return target
 
-    def _cat_raw(
-        self, api: str, target: tuple[str, int], cid: str, query: str
+    def _post_raw(
+        self, api: str, target: tuple[str, int], endpoint: str, query: str, cid: str
     ) -> bytes | bytearray:
+        """One read-path RPC (`cat`, `dag/get`) about `cid`, its body read into one buffer."""
         host, port = target
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = (
-            f"POST /api/v0/cat?{query} HTTP/1.0\r\nHost: {netloc}\r\nContent-Length: 0\r\n\r\n"
+            f"POST /api/v0/{endpoint}?{query} HTTP/1.0\r\nHost: {netloc}\r\n"
+            "Content-Length: 0\r\n\r\n"
         ).encode("ascii")
         try:
             # The timeout bounds the connect and every receive: a node that hangs (SIGSTOP)
@@ -258,6 +327,57 @@ class IPFS:
             raise IPFSError(
                 f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT
             ) from err
+
+    # A ranged cat of a big file costs Kubo a walk from the root and a read-ahead of several
+    # sibling leaves (4 ms to first byte here for 64 KiB of a 64 MiB file, 0.6 ms for the same
+    # from a one-block file). A small range inside one leaf is asked of that leaf instead; the
+    # DAG nodes on the way are immutable, so they are fetched once and remembered.
+
+    def _locate(
+        self, api: str, target: tuple[str, int], cid: str, offset: int, length: int
+    ) -> tuple[str, int] | None:
+        """The leaf block holding all of [offset, offset+length) of file `cid`, and the offset
+        in it; None to read from the root (a big range, a range across leaves, not unixfs)."""
+        if length > LEAF_RANGE_MAX:
+            return None
+        node, at = cid, offset
+        for _depth in range(MAX_DAG_DEPTH):
+            children = self._children(api, target, node)
+            if children is None:
+                return (node, at) if node != cid else None
+            for child, size in children:
+                if at < size:
+                    if at + length > size:
+                        return None
+                    node = child
+                    break
+                at -= size
+            else:
+                return None  # at or past the end: the root answers that
+        return None
+
+    def _children(
+        self, api: str, target: tuple[str, int], cid: str
+    ) -> tuple[tuple[str, int], ...] | None:
+        """(child CID, bytes of file under it) of a unixfs file node; None for a raw leaf or
+        anything this does not understand."""
+        codec = _cid_codec(cid)
+        if codec != CODEC_DAG_PB:
+            return None
+        with self._lock:
+            if cid in self._dag:
+                self._dag.move_to_end(cid)
+                return self._dag[cid]
+        body = self._post_raw(api, target, "dag/get", urllib.parse.urlencode({"arg": cid}), cid)
+        try:
+            children = _file_children(json.loads(body))
+        except (ValueError, KeyError, TypeError, IndexError):
+            children = None
+        with self._lock:
+            self._dag[cid] = children
+            while len(self._dag) > DAG_CACHE_NODES:
+                self._dag.popitem(last=False)
+        return children
 
     def _cat_response(self, api: str, sock: socket.socket, cid: str) -> bytes | bytearray:
         head = bytearray()
@@ -364,7 +484,13 @@ class IPFS:
         target = self._target(api)
         if target is not None:
             query = urllib.parse.urlencode({"arg": cid, **opts})
-            return self._cat_raw(api, target, cid, query)
+            leaf = None if length is None else self._locate(api, target, cid, offset, length)
+            if leaf is not None:
+                cid_read, offset = leaf
+                query = urllib.parse.urlencode(
+                    {"arg": cid_read, "offset": str(offset), "length": str(length)}
+                )
+            return self._post_raw(api, target, "cat", query, cid)
         with self._call(f"read {cid}") as client:
             data = client._client.request("/cat", (cid,), opts=opts, timeout=self.timeout)
         return bytes(data)

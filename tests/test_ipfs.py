@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from medfs.errors import IPFSError
-from medfs.ipfs import IPFS, AsyncIPFS
+from medfs.ipfs import IPFS, AsyncIPFS, _cid_codec
 
 MiB = 1 << 20
 
@@ -243,3 +244,32 @@ def test_cat_errors_are_ipfs_errors(reply: bytes, message: str) -> None:
             IPFS(f"/ip4/127.0.0.1/tcp/{server.port}", timeout=5).cat("bafkqaaa", 0, 100)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("chunker", ["size-1048576", "size-100000"])
+def test_small_ranges_come_from_the_leaf_that_holds_them(kubo_api: str, chunker: str) -> None:
+    client = IPFS(kubo_api, chunker=chunker)
+    try:
+        data = pseudo_random(24 * 1024 * 1024 + 12345, seed=chunker.encode())
+        cid = client.add(data)
+        rng = random.Random(4)
+        for _ in range(100):
+            offset = rng.randrange(0, len(data))
+            length = rng.choice([1, 4096, 65552, 300_000])
+            assert client.cat(cid, offset, length) == data[offset : offset + length]
+        # Across a leaf edge, at the end, past the end.
+        edge = 1048576 if chunker == "size-1048576" else 100000
+        assert client.cat(cid, edge - 10, 20) == data[edge - 10 : edge + 10]
+        assert client.cat(cid, len(data) - 5, 4096) == data[-5:]
+        assert client.cat(cid, len(data), 10) == b""
+        assert client._dag  # the inner nodes were looked at, and kept
+    finally:
+        client.close()
+
+
+def test_cid_codecs() -> None:
+    assert _cid_codec("QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG") == 0x70
+    assert _cid_codec("bafybeif4u2bfviit4tgq7i6qnjhazq7pnm4p5lw2rqirs6nxwgpy2rnz6m") == 0x70
+    assert _cid_codec("bafkqaaa") == 0x55
+    assert _cid_codec("zb2rhe5P4gXftAwvA4eXQ5HJwsER2owDyS9sKaQRRVQPn93bA") is None
+    assert _cid_codec("b!!") is None
