@@ -54,6 +54,7 @@ MAX_READAHEAD = 128
 # overlapping a few keeps the node busy while earlier windows are decrypted and read.
 PREFETCH_WINDOW = 64
 PREFETCH_PARALLEL = 3
+CLAIMS_KEPT = 64
 # How many write chunks may wait for the sealer before a writer blocks (8 MiB of 128 KiB writes).
 UPLOAD_QUEUE = 64
 # How many segments an overlay commit reads from its base in one range request.
@@ -158,6 +159,8 @@ class Reader:
         # Segments being fetched in the background, so a read waits instead of fetching twice.
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._prefetching = 0  # background fetches running (touched on the trio thread only)
+        # The last segment a background fetch took on, per object (most recent last).
+        self._claimed: dict[str, int] = {}
         # What was fetched from the node: for benchmarks and `user.medfs.stats`.
         self.fetches = 0
         self.segments_fetched = 0
@@ -274,7 +277,11 @@ class Reader:
         last = min(last, count - 1)
         if self._prefetching >= PREFETCH_PARALLEL:
             return
-        start = first
+        # Every read of a sequential reader asks again; start past what earlier calls took on
+        # rather than look up each of the (up to 256) segments in between every time. A mark
+        # far beyond this window is from another pass (the reader went back): not trusted.
+        claimed = self._claimed.get(v.cid, -1)
+        start = first if claimed > 2 * last - first else max(first, claimed + 1)
         while start <= last and (
             self.cache.get(v.cid, start) is not None or (v.cid, start) in self._inflight
         ):
@@ -298,6 +305,10 @@ class Reader:
         event = trio.Event()
         for index in range(start, stop + 1):
             self._inflight[(v.cid, index)] = event
+        self._claimed.pop(v.cid, None)
+        self._claimed[v.cid] = stop
+        while len(self._claimed) > CLAIMS_KEPT:
+            del self._claimed[next(iter(self._claimed))]
         self._prefetching += 1
         try:
             await trio.to_thread.run_sync(self.segments, v, start, stop)
