@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -53,6 +53,12 @@ SEG = layout.SEGMENT_SIZE
 # Sequential reads fetch ahead in growing windows up to this many segments (8 MiB): fewer,
 # larger range requests; each costs a round trip to the node whatever its size.
 MAX_READAHEAD = 128
+# Background read-ahead: requests of this many segments (4 MiB), up to this many in flight at
+# once. One ranged cat is bound by Kubo streaming it (~150 MiB/s here, however big), so
+# overlapping a few keeps the node busy while earlier windows are decrypted and read.
+PREFETCH_WINDOW = 64
+PREFETCH_PARALLEL = 3
+CLAIMS_KEPT = 64
 # How many write chunks may wait for the sealer before a writer blocks (8 MiB of 128 KiB writes).
 UPLOAD_QUEUE = 64
 # How many segments an overlay commit reads from its base in one range request.
@@ -158,6 +164,9 @@ class Reader:
         self.cache = cache
         # Segments being fetched in the background, so a read waits instead of fetching twice.
         self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._prefetching = 0  # background fetches running (touched on the trio thread only)
+        # The last segment a background fetch took on, per object (most recent last).
+        self._claimed: dict[str, int] = {}
         # What was fetched from the node: for benchmarks and `user.medfs.stats`.
         self.fetches = 0
         self.segments_fetched = 0
@@ -187,9 +196,7 @@ class Reader:
         self.segments_fetched += stop - start + 1
         try:
             with _as_content_error(f"cannot read {v.cid}"):
-                data = v.reader(self.ipfs).read(start * SEG, (stop - start + 1) * SEG)
-            for i, index in enumerate(range(start, stop + 1)):
-                fetched[index] = data[i * SEG : (i + 1) * SEG]
+                fetched = self._decrypt(v, start, stop)
         except ContentError as err:
             if not isinstance(err.__cause__, FormatError):
                 raise
@@ -206,6 +213,33 @@ class Reader:
         for index, piece in fetched.items():
             self.cache.put(v.cid, index, piece)
         return [fetched[i] if i in fetched else self._must(v, i) for i in range(first, last + 1)]
+
+    def _decrypt(self, v: Version, first: int, last: int) -> dict[int, bytes]:
+        """Segments first..last from one range request, decrypted one by one straight from
+        the received buffer: no joined plaintext to cut up again, no copy of the ciphertext."""
+        size = layout.ciphertext_size(v.size)
+        where = layout.span(v.size, first * SEG, (last - first + 1) * SEG)
+        if where is None:
+            return {}
+        base = where.ciphertext_offset
+        if v.local is not None:
+            with open(v.local, "rb") as fh:
+                data: bytes | bytearray = os.pread(fh.fileno(), where.ciphertext_length, base)
+        else:
+            data = self.ipfs.cat_buffer(v.cid, base, where.ciphertext_length)
+        view = memoryview(data)
+
+        def fetch(offset: int, length: int) -> bytes:
+            # A view, not bytes: ObjectReader only measures it and decrypts from it.
+            return cast(bytes, view[offset - base : offset - base + length])
+
+        if len(data) != where.ciphertext_length:
+            raise FormatError(
+                f"encrypted object does not match its stated size (asked for "
+                f"{where.ciphertext_length} bytes at {base}, got {len(data)})"
+            )
+        reader = format.ObjectReader(v.key, fetch, size, header=format.Header(v.salt))
+        return {index: reader.read(index * SEG, SEG) for index in range(first, last + 1)}
 
     def _must(self, v: Version, index: int) -> bytes:
         data = self.cache.get(v.cid, index)
@@ -241,35 +275,53 @@ class Reader:
         return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
 
     async def prefetch(self, v: Version, first: int, last: int) -> None:
-        """Fetch segments first..last in the background (a sequential reader will want them),
-        skipping what is cached or already on its way. Errors are left for the read to meet."""
-        last = min(last, layout.segment_count(v.size) - 1)
-        start = first
+        """Fetch segments among first..last in the background (a sequential reader will want
+        them), skipping what is cached or already on its way: one window of at most
+        PREFETCH_WINDOW segments per call, at most PREFETCH_PARALLEL calls fetching at once.
+        Errors are left for the read to meet."""
+        count = layout.segment_count(v.size)
+        last = min(last, count - 1)
+        if self._prefetching >= PREFETCH_PARALLEL:
+            return
+        # Every read of a sequential reader asks again; start past what earlier calls took on
+        # rather than look up each of the (up to 256) segments in between every time. A mark
+        # far beyond this window is from another pass (the reader went back): not trusted.
+        claimed = self._claimed.get(v.cid, -1)
+        start = first if claimed > 2 * last - first else max(first, claimed + 1)
         while start <= last and (
             self.cache.get(v.cid, start) is not None or (v.cid, start) in self._inflight
         ):
             start += 1
-        if start > first + (last - first) // 2 and start <= last:
-            # Still more than half a window ahead of the reader: wait, and fetch a whole window
-            # later, rather than a sliver now (every round trip to the node costs the same).
+        if start > last:
             return
         stop = start
         while (
             stop + 1 <= last
+            and stop + 1 - start < PREFETCH_WINDOW
             and self.cache.get(v.cid, stop + 1) is None
             and (v.cid, stop + 1) not in self._inflight
         ):
             stop += 1
-        if start > last:
+        if stop == last < count - 1 and stop - start + 1 < min(
+            PREFETCH_WINDOW, (last - first) // 2
+        ):
+            # Only a sliver fits before the end of the reader's window: wait, and fetch a
+            # whole window later (every round trip to the node costs about the same).
             return
         event = trio.Event()
         for index in range(start, stop + 1):
             self._inflight[(v.cid, index)] = event
+        self._claimed.pop(v.cid, None)
+        self._claimed[v.cid] = stop
+        while len(self._claimed) > CLAIMS_KEPT:
+            del self._claimed[next(iter(self._claimed))]
+        self._prefetching += 1
         try:
             await trio.to_thread.run_sync(self.segments, v, start, stop)
         except ContentError:
             pass
         finally:
+            self._prefetching -= 1
             for index in range(start, stop + 1):
                 if self._inflight.get((v.cid, index)) is event:
                     del self._inflight[(v.cid, index)]

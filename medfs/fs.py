@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 SEG = SEGMENT_SIZE
 # A reader this far into a sequential streak gets its next window fetched in the background.
 PREFETCH_AFTER = 16
+# The kernel's read-ahead keeps a few requests in flight, so a sequential read may start up to a
+# few requests' length before or after where the last one ended; never more than this.
 SEQUENTIAL_SLACK = 1 << 20
 # The most small files one group upload carries: bounds the request (<= 512 MiB) and the time
 # a large backlog holds up the fsync of any one file in it.
@@ -65,6 +67,13 @@ PREFERRED_IO = 1 << 20  # st_blksize: 16 segments; FUSE passes writes this large
 # How long a sealed small file waits for others to join its group, unless an fsync waits on it:
 # a group upload costs a request, a pin and three fsyncs whatever its size.
 GROUP_DELAY = 0.05
+# How many request lengths away from the last end still counts as sequential: the slack scales
+# with the request, so a random 4 KiB reader must land within 16 KiB, not 1 MiB.
+SEQUENTIAL_REQUESTS = 4
+# Read-ahead starts only after this many near-sequential reads in a row: one random read that
+# happens to land near the last one (about 1 in 500 in a 1 GiB file with 1 MiB slack) must not
+# fetch a window it will never use.
+SEQUENTIAL_STREAK = 2
 
 # Metadata changes only through this daemon, which answers with fresh attributes each time; a
 # short timeout still bounds how stale a view can be after a share or umount flush.
@@ -117,10 +126,31 @@ def _fail(code: int) -> pyfuse3.FUSEError:
 class Handle:
     ino: int
     writable: bool
-    # Read-ahead state: where the last read ended, and the current window in segments.
+    # Read-ahead state: where the last read ended, how many reads in a row were near it, and
+    # the current window in segments.
     next_offset: int = 0
+    streak: int = 0
     ahead: int = 0
     wrote: bool = False
+
+    def plan_read(self, off: int, size: int) -> int:
+        """Account for a read of `size` bytes at `off`; return how many segments to fetch
+        ahead of it."""
+        slack = min(SEQUENTIAL_SLACK, SEQUENTIAL_REQUESTS * size)
+        if abs(off - self.next_offset) <= slack:
+            self.streak += 1
+        else:
+            self.streak = 0
+        if self.streak >= SEQUENTIAL_STREAK:
+            self.ahead = min(MAX_READAHEAD, max(8, self.ahead * 2))
+        else:
+            self.ahead = 0
+        return self.ahead
+
+    def after_read(self, off: int, length: int) -> None:
+        # While sequential, concurrent requests may complete out of order: keep the furthest end.
+        end = off + length
+        self.next_offset = max(self.next_offset, end) if self.streak else end
 
 
 @dataclass
@@ -1001,20 +1031,13 @@ class Filesystem(pyfuse3.Operations):
         version = self._version(self._inode(handle.ino))
         if version is None:
             return b""
-        # The kernel's own read-ahead sends several requests at once, so "sequential" means
-        # near where the last read ended, not exactly there.
-        if abs(off - handle.next_offset) <= SEQUENTIAL_SLACK:
-            handle.ahead = min(MAX_READAHEAD, max(8, handle.ahead * 2))
-        else:
-            handle.ahead = 0
+        ahead = handle.plan_read(off, size)
         try:
-            data = await self.reader.read(version, off, size, handle.ahead)
+            data = await self.reader.read(version, off, size, ahead)
         except ContentError:
             self._suspect = True
             raise
-        handle.next_offset = (
-            max(handle.next_offset, off + len(data)) if handle.ahead else off + len(data)
-        )
+        handle.after_read(off, len(data))
         if handle.ahead >= PREFETCH_AFTER and self._nursery is not None and data:
             # Keep the next window coming while this one is read: fetch and decrypt overlap
             # with the reader instead of stalling it at every window boundary.
