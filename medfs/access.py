@@ -83,16 +83,18 @@ def grant(
     recipient = to.recipient()
     wrapped = 0
     for top in tops:
+        # The grant first: a version a running mount commits from now on is wrapped for them.
         manifest.add_grant(top.ino, to.fingerprint, public, now_ns=now)
+        wraps = []
         for _rel, inode in _subtree(manifest, top):
             if inode.kind != Kind.FILE or inode.cid is None or inode.salt is None:
                 continue
             key = _content_key(owner, manifest, inode)
             context = recipients.entry_context(inode.entry_id, inode.salt)
-            manifest.add_wrap(
-                inode.ino, to.fingerprint, recipients.wrap(key, recipient, context).to_bytes()
-            )
-            wrapped += 1
+            stanza = recipients.wrap(key, recipient, context).to_bytes()
+            wraps.append((inode.ino, inode.cid, to.fingerprint, stanza))
+        manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
+        wrapped += len(wraps)
     return wrapped
 
 

@@ -1003,6 +1003,20 @@ class Manifest:
                 raise ValueError(f"inode {ino} has no committed version to share")
             self._insert_wrap(ino, fingerprint, stanza)
 
+    def add_wraps(self, wraps: Sequence[tuple[int, str, str, bytes]]) -> int:
+        """Add (or replace) many recipients' wraps `(ino, cid, fingerprint, stanza)` in one
+        transaction, each only if `cid` is still the file's version: a newer one, committed
+        meanwhile by a running mount, was wrapped for current grantees already. Returns how
+        many were added."""
+        added = 0
+        with self._write() as db:
+            for ino, cid, fingerprint, stanza in wraps:
+                row = db.execute("SELECT cid FROM inodes WHERE ino = ?", (ino,)).fetchone()
+                if row is not None and row[0] == cid:
+                    self._insert_wrap(ino, fingerprint, stanza)
+                    added += 1
+        return added
+
     def remove_wrap(self, ino: int, fingerprint: str) -> None:
         """Remove one recipient's wrap. KeyError if absent; ValueError for the last one."""
         with self._write() as db:

@@ -998,3 +998,14 @@ def test_syncing_keeps_the_locks_other_processes_rely_on(m, db_path):
     m.sync_to_disk()
     assert entries_seen_by_another_process() == 2
     assert m.lookup(ROOT_INODE, b"b") is not None
+
+
+def test_wraps_added_in_one_go_skip_versions_replaced_meanwhile(m):
+    a, b = mkfile(m, ROOT_INODE, b"a"), mkfile(m, ROOT_INODE, b"b")
+    commit(m, a.ino, "a1")
+    commit(m, b.ino, "b1")
+    commit(m, b.ino, "b2")  # as a running mount would, after the share read b1's key
+    added = m.add_wraps([(a.ino, "a1", FRIEND, b"for-a1"), (b.ino, "b1", FRIEND, b"for-b1")])
+    assert added == 1
+    assert m.wraps(a.ino)[FRIEND] == b"for-a1"
+    assert FRIEND not in m.wraps(b.ino)  # a stanza for b1's key would not open b2
