@@ -18,6 +18,8 @@ under a fresh content key.
 
 Nothing here knows FUSE. Blocking work (HTTP to Kubo, encrypting or decrypting more than a few
 segments, staging I/O) runs in worker threads; the async methods are safe on the trio thread.
+The one exception is sealing a file of one segment at close: a write of at most 64 KiB to the
+page cache, cheaper than the hand-off to a worker it would need.
 """
 
 from __future__ import annotations
@@ -479,10 +481,10 @@ class Spool:
                 if available <= 0:
                     return 0
                 view = memoryview(buffer).cast("B")
-                data = os.pread(spool._fd, min(len(view), available), self.pos)
-                view[: len(data)] = data
-                self.pos += len(data)
-                return len(data)
+                # Straight into the caller's buffer: every byte of an upload passes here.
+                n = os.preadv(spool._fd, [view[: min(len(view), available)]], self.pos)
+                self.pos += n
+                return n
 
         return Tail()
 
@@ -757,7 +759,12 @@ class Draft:
                 sealed = await stream.finish()
             elif self._in_memory:
                 small, self._small = bytes(self._small), bytearray()
-                sealed = await trio.to_thread.run_sync(seal_small, self.staging.directory, small)
+                if len(small) <= SEG:  # one segment: cheaper to seal here than to hand off
+                    sealed = seal_small(self.staging.directory, small)
+                else:
+                    sealed = await trio.to_thread.run_sync(
+                        seal_small, self.staging.directory, small
+                    )
             else:
                 job = SealAndUpload(
                     self.reader.ipfs, self.staging.directory, self._blocks_for_upload()

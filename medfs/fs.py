@@ -296,8 +296,9 @@ class Filesystem(pyfuse3.Operations):
                 sealed.spool.unlink()
             await self._publish(ino, cid, sealed.key, sealed.salt, sealed.size, mtime_ns)
             return
-        save = functools.partial(self.pending_store.save, ino, sealed, mtime_ns, durable=False)
-        record = await trio.to_thread.run_sync(save)
+        # A record of a few hundred bytes, not synced: written here rather than in a worker,
+        # whose hand-off would cost more than the write (this runs at every small close).
+        record = self.pending_store.save(ino, sealed, mtime_ns, durable=False)
         older = self._pending.get(ino)
         self._pending[ino] = record
         if older is not None:
