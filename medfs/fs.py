@@ -232,8 +232,11 @@ class Filesystem(pyfuse3.Operations):
         if self.pending_store is not None:
             for record in self.pending_store.load():
                 older = self._pending.get(record.ino)
-                if self.manifest.get(record.ino) is None:
-                    self.pending_store.remove(record)  # its file was deleted meanwhile
+                inode = self.manifest.get(record.ino)
+                if inode is None or self._committed_since(record, inode):
+                    # Its file was deleted meanwhile, or this version (or a newer one) was
+                    # committed before a crash left the record behind: never roll back.
+                    self.pending_store.remove(record)
                 elif (
                     older is None or record.meta.stat().st_mtime_ns > older.meta.stat().st_mtime_ns
                 ):
@@ -257,6 +260,13 @@ class Filesystem(pyfuse3.Operations):
             for inode in self.manifest.orphans():  # unlinked while open when a daemon died
                 self._free(inode.ino)
         nursery.start_soon(self._retry_loop)
+
+    @staticmethod
+    def _committed_since(record: PendingRecord, inode: Inode) -> bool:
+        if inode.salt == record.salt:
+            return True  # the salt is fresh for every version: this one is committed
+        saved_ns = record.meta.stat().st_mtime_ns
+        return inode.version_ns is not None and inode.version_ns >= saved_ns
 
     def _drop_uncommitted(self, inode: Inode) -> None:
         path = self.manifest.path_of(inode.ino)
@@ -331,7 +341,13 @@ class Filesystem(pyfuse3.Operations):
                 await self._hurry.wait()
             self._wake, self._hurry = trio.Event(), trio.Event()
             if self._pending:
-                error = await self._upload_round()
+                try:
+                    error = await self._upload_round()
+                except Exception:
+                    # A bug must not take the mount down: what waits stays in the staging
+                    # area, readable, and umount names it.
+                    log.exception("uploading what waits in the staging area failed")
+                    error = "internal error"
                 if error is not None:
                     await trio.sleep(self.retry_interval)  # the node is away: do not hammer it
             elif self._suspect:

@@ -16,6 +16,7 @@ import socket
 import threading
 import urllib.parse
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -153,6 +154,12 @@ class _Wire:
         return self.pos == len(self.buf)
 
 
+def _close_sockets(kept: list[tuple[str, socket.socket]]) -> None:
+    for _api, sock in kept:
+        sock.close()
+    kept.clear()
+
+
 def _recv_all(sock: socket.socket) -> bytes:
     parts = []
     while chunk := sock.recv(RECV_CHUNK):
@@ -245,6 +252,8 @@ class IPFS:
         self._targets: dict[str, tuple[str, int] | None] = {}
         # Kept-alive sockets for small cats (see `_cat_kept`), with the API they are open to.
         self._kept: list[tuple[str, socket.socket]] = []
+        # A client dropped without close() must not leave its kept sockets open.
+        weakref.finalize(self, _close_sockets, self._kept)
         # Inner nodes of file DAGs met by `cat` (see `_locate`), least recently used first.
         self._dag: OrderedDict[str, tuple[tuple[str, int], ...] | None] = OrderedDict()
         self._lock = threading.Lock()
@@ -485,7 +494,8 @@ class IPFS:
 
     def _close_kept(self) -> None:
         with self._lock:
-            kept, self._kept = self._kept, []
+            kept = self._kept[:]
+            self._kept.clear()  # the same list: the finalizer holds it
         for _api, sock in kept:
             sock.close()
 

@@ -928,10 +928,15 @@ class Manifest:
         with self._write() as db:
             for version in versions:
                 old = self._commit_version(version, ANY_CID)
+                moved = None
+                if self.pin_group_of(version.cid) is not None:
+                    # Committed before already (a crash came before its staging copy went):
+                    # the new group keeps it from now on.
+                    moved = self._release(version.cid)
                 db.execute("INSERT INTO pin_groups VALUES (?, ?)", (version.cid, group))
-                gone = self._release(old)
-                if gone is not None:
-                    unpin.append(gone)
+                for gone in (self._release(old), moved):
+                    if gone is not None and gone != group:
+                        unpin.append(gone)
         return unpin
 
     def release(self, cid: str) -> str | None:

@@ -1009,3 +1009,15 @@ def test_wraps_added_in_one_go_skip_versions_replaced_meanwhile(m):
     assert added == 1
     assert m.wraps(a.ino)[FRIEND] == b"for-a1"
     assert FRIEND not in m.wraps(b.ino)  # a stanza for b1's key would not open b2
+
+
+def test_a_version_committed_again_moves_to_its_new_group(m):
+    """A crash after a group's commit but before its staging copies went: the next mount
+    uploads the same bytes again, in another group, and commits them once more."""
+    a, b = mkfile(m, ROOT_INODE, b"a"), mkfile(m, ROOT_INODE, b"b")
+    m.commit_group([version(a.ino, "a1"), version(b.ino, "b1")], "g1")
+    assert m.commit_group([version(a.ino, "a1")], "g2") == []  # g1 still keeps b1
+    assert m.pin_group_of("a1") == "g2"
+    assert m.commit_group([version(b.ino, "b1")], "g3") == ["g1"]  # now g1 keeps nothing
+    assert m.commit_group([version(b.ino, "b1")], "g3") == []  # the same group again
+    assert m.pin_groups() == {"g2", "g3"}
