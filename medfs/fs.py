@@ -341,13 +341,7 @@ class Filesystem(pyfuse3.Operations):
                 await self._hurry.wait()
             self._wake, self._hurry = trio.Event(), trio.Event()
             if self._pending:
-                try:
-                    error = await self._upload_round()
-                except Exception:
-                    # A bug must not take the mount down: what waits stays in the staging
-                    # area, readable, and umount names it.
-                    log.exception("uploading what waits in the staging area failed")
-                    error = "internal error"
+                error = await self._upload_round()
                 if error is not None:
                     await trio.sleep(self.retry_interval)  # the node is away: do not hammer it
             elif self._suspect:
@@ -373,6 +367,11 @@ class Filesystem(pyfuse3.Operations):
         try:
             async with self._round_lock:  # two rounds at once would upload the same records
                 self._round_error = await self._retry_pending()
+        except Exception:
+            # A bug must not take the mount down, nor leave an fsync waiting for ever: what
+            # waits stays in the staging area, readable, and umount names it.
+            log.exception("uploading what waits in the staging area failed")
+            self._round_error = "an internal error (see the mount log)"
         finally:
             done, self._round_done = self._round_done, trio.Event()
             done.set()
@@ -383,11 +382,13 @@ class Filesystem(pyfuse3.Operations):
 
     async def _retry_pending(self) -> str | None:
         assert self.pending_store is not None
+        tried: set[PendingRecord] = set()  # each once a round, even if it was not committed
         while True:
-            records = list(self._pending.values())
+            records = [r for r in self._pending.values() if r not in tried]
             small = [r for r in records if r.size <= SMALL_FILE][:GROUP_FILES]
             if not small:
                 break
+            tried.update(small)
             try:
                 group, cids = await trio.to_thread.run_sync(self._upload_group, small)
             except (IPFSError, OSError) as err:
