@@ -119,8 +119,8 @@ def test_api_down_is_a_clear_error_not_a_hang() -> None:
     assert time.monotonic() - started < 5
 
 
-class SilentServer:
-    """Accepts connections and never answers: a node that hangs."""
+class LoopbackServer:
+    """A fake node on a loopback port: `handle` gets each accepted connection."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -137,12 +137,22 @@ class SilentServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.conns.append(conn)
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self.sock.close()
         for c in self.conns:
             c.close()
+
+
+class SilentServer(LoopbackServer):
+    """Accepts connections and never answers: a node that hangs."""
+
+    def handle(self, conn: socket.socket) -> None:
+        self.conns.append(conn)
 
 
 @pytest.fixture
@@ -214,30 +224,17 @@ def test_cat_from_a_silent_node_times_out(silent_server: SilentServer) -> None:
         client.cat("bafkqaaa", 0, 10)
 
 
-class OneShotServer:
+class OneShotServer(LoopbackServer):
     """Answers every connection with `reply` and closes it: a node that misbehaves."""
 
     def __init__(self, reply: bytes) -> None:
         self.reply = reply
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(self.reply)
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(self.reply)
 
 
 @pytest.mark.parametrize(
