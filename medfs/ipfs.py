@@ -376,10 +376,8 @@ class IPFS:
         self, api: str, target: tuple[str, int], endpoint: str, query: str, cid: str
     ) -> bytes | bytearray:
         """One read-path RPC (`cat`, `dag/get`) about `cid`, its body read into one buffer."""
-        host, port = target
-        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = (
-            f"POST /api/v0/{endpoint}?{query} HTTP/1.0\r\nHost: {netloc}\r\n"
+            f"POST /api/v0/{endpoint}?{query} HTTP/1.0\r\nHost: {_netloc(target)}\r\n"
             "Content-Length: 0\r\n\r\n"
         ).encode("ascii")
         try:
@@ -390,16 +388,8 @@ class IPFS:
                 return self._cat_response(api, sock, cid)
         except IPFSError:
             raise
-        except TimeoutError as err:
-            raise IPFSError(
-                f"the IPFS API at {api} did not answer within {self.timeout:g} s"
-                f" (while trying to read {cid})",
-                hint="check that the node is running and not overloaded ('medfs node status')",
-            ) from err
         except (OSError, ValueError) as err:
-            raise IPFSError(
-                f"cannot reach the IPFS API at {api}: {_cause(err)}", hint=NODE_HINT
-            ) from err
+            raise self._transport_error(api, cid, err) from err
 
     # A small range (a random read's segment) is asked over a kept-alive HTTP/1.1 connection
     # instead: a new connection per request costs ~0.2 ms at the median here, more under load,

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
 from tests.mounting import Mounted, init_state, mounted
+from tests.test_reliability import kill
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -105,7 +105,6 @@ def test_closed_small_files_survive_a_killed_daemon_while_the_node_hangs(tmp_pat
         assert node_pid is not None
         os.kill(node_pid, signal.SIGSTOP)  # every upload now hangs
         try:
-            started = time.monotonic()
             for i in range(5):
                 (m.mnt / f"f{i}.txt").write_bytes(b"record %d" % i)
             # Not a timing assertion: with the node frozen, a close that waited for its
@@ -113,14 +112,7 @@ def test_closed_small_files_survive_a_killed_daemon_while_the_node_hangs(tmp_pat
             assert stats(m)["pending"] == 5
             daemon = m.daemon_pid()
             assert daemon is not None
-            os.kill(daemon, signal.SIGKILL)
-            deadline = started + 60
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(daemon, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
+            kill(daemon)  # SIGKILL, and waits until it is gone
         finally:
             os.kill(node_pid, signal.SIGCONT)
         out = m.medfs("umount", str(m.mnt))
