@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfs import format, layout, recipients, sharing, state
-from medfs.errors import MedfsError, UsageError
+from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
 from medfs.manifest import Inode, Kind, Manifest, NameCipher, VersionConflict
@@ -59,7 +59,13 @@ def _resolve(manifest: Manifest, path: str) -> Inode:
 
 def _content_key(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
     assert inode.salt is not None
-    stanza = recipients.Stanza.from_bytes(manifest.wraps(inode.ino)[owner.fingerprint])
+    wrapped = manifest.wrap(inode.ino, owner.fingerprint)
+    if wrapped is None:
+        raise FormatError(
+            f"{_name_of(manifest, inode)}: the manifest holds no key of its version for the owner",
+            hint="run `medfs verify`",
+        )
+    stanza = recipients.Stanza.from_bytes(wrapped)
     return owner.unwrap(stanza, recipients.entry_context(inode.entry_id, inode.salt))
 
 
@@ -149,7 +155,7 @@ def _entry(manifest: Manifest, path: str, inode: Inode, fpr: str) -> sharing.Sha
         target = manifest.readlink(inode.ino)
         kind, size, cid, salt, stanza = "symlink", len(target), None, None, None
     else:
-        stanza = manifest.wraps(inode.ino).get(fpr)
+        stanza = manifest.wrap(inode.ino, fpr)
         if inode.cid is None or inode.salt is None or stanza is None:
             return None  # not uploaded yet: the next manifest will carry it
         kind, size, target, cid, salt = "file", inode.size, None, inode.cid, inode.salt

@@ -228,6 +228,12 @@ _LOOKUP = (
     f"SELECT {_INODE} FROM dirents d JOIN inodes i ON i.ino = d.ino"  # noqa: S608
     " WHERE d.parent = ? AND d.name = ?"
 )
+_INSERT_WRAP = "INSERT OR REPLACE INTO wraps (ino, fingerprint, stanza) VALUES (?, ?, ?)"
+# The version check and the insert in one statement: a share wraps thousands of files.
+_INSERT_WRAP_IF_CURRENT = (
+    "INSERT OR REPLACE INTO wraps (ino, fingerprint, stanza)"
+    " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND cid = ?)"
+)
 _ORPHANS = (
     f"SELECT {_INODE} FROM inodes i LEFT JOIN dirents d ON d.ino = i.ino"  # noqa: S608
     " WHERE d.id IS NULL AND i.ino != 1 ORDER BY i.ino"
@@ -616,6 +622,14 @@ class Manifest:
             "SELECT fingerprint, stanza FROM wraps WHERE ino = ? ORDER BY fingerprint", (ino,)
         )
         return {fingerprint: bytes(stanza) for fingerprint, stanza in rows}
+
+    def wrap(self, ino: int, fingerprint: str) -> bytes | None:
+        """`fingerprint`'s stanza for the current version of `ino`, or None: one query, for
+        callers that walk thousands of files (share) and need one recipient's wrap of each."""
+        row = self._conn.execute(
+            "SELECT stanza FROM wraps WHERE ino = ? AND fingerprint = ?", (ino, fingerprint)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def orphans(self) -> list[Inode]:
         """Inodes (not the root) without a directory entry: unlinked while open, then a crash."""
@@ -1014,12 +1028,9 @@ class Manifest:
         meanwhile by a running mount, was wrapped for current grantees already. Returns how
         many were added."""
         added = 0
-        with self._write() as db:
+        with self._write():
             for ino, cid, fingerprint, stanza in wraps:
-                row = db.execute("SELECT cid FROM inodes WHERE ino = ?", (ino,)).fetchone()
-                if row is not None and row[0] == cid:
-                    self._insert_wrap(ino, fingerprint, stanza)
-                    added += 1
+                added += self._insert_wrap(ino, fingerprint, stanza, if_cid=cid)
         return added
 
     def remove_wrap(self, ino: int, fingerprint: str) -> None:
@@ -1129,12 +1140,16 @@ class Manifest:
             (now_ns, now_ns, directory),
         )
 
-    def _insert_wrap(self, ino: int, fingerprint: str, stanza: bytes) -> None:
+    def _insert_wrap(
+        self, ino: int, fingerprint: str, stanza: bytes, *, if_cid: str | None = None
+    ) -> int:
+        """Insert (or replace) a wrap; with `if_cid`, only while that is the file's version.
+        Returns 1 if it was written, else 0."""
         if not isinstance(fingerprint, str) or not fingerprint:
             raise TypeError("a wrap's fingerprint must be a non-empty str")
         if not isinstance(stanza, bytes) or not stanza:
             raise TypeError("a wrap's stanza must be non-empty bytes")
-        self._conn.execute(
-            "INSERT OR REPLACE INTO wraps (ino, fingerprint, stanza) VALUES (?, ?, ?)",
-            (ino, fingerprint, stanza),
-        )
+        if if_cid is None:
+            return self._conn.execute(_INSERT_WRAP, (ino, fingerprint, stanza)).rowcount
+        args = (ino, fingerprint, stanza, ino, if_cid)
+        return self._conn.execute(_INSERT_WRAP_IF_CURRENT, args).rowcount

@@ -25,6 +25,7 @@ indexes, so errors can be logged without leaking what was shared.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -208,6 +209,12 @@ class SharedEntry:
 
     def parsed_stanza(self) -> Stanza:
         """The wrapped content key (files only)."""
+        return self._stanza
+
+    # Parsed once: a share of thousands of files checks each entry's recipient and kind again
+    # after making it, and parsing is most of what checking an entry costs.
+    @functools.cached_property
+    def _stanza(self) -> Stanza:
         if not isinstance(self.stanza, bytes):
             raise _fail("this entry has no wrapped key")
         stanza = Stanza.from_bytes(self.stanza)
