@@ -18,12 +18,11 @@ import urllib.parse
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, ParamSpec, TypeVar
+from typing import Any, BinaryIO
 
 import requests
-import trio
 
 from medfs.errors import IPFSError
 
@@ -53,9 +52,6 @@ UNIXFS_RAW, UNIXFS_FILE = 0, 2
 RECV_CHUNK = 1 << 20
 MAX_HEADER_BYTES = 1 << 16
 NODE_HINT = "start the embedded node with 'medfs node start', or pass --api MULTIADDR"
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -745,41 +741,3 @@ class IPFS:
     def swarm_peers(self) -> list[str]:
         result = self._request("list peers", "/swarm/peers")[0]
         return [str(p["Peer"]) for p in result.get("Peers") or ()]
-
-
-class AsyncIPFS:
-    """`IPFS` for trio code: every call runs in a worker thread, never on the trio thread."""
-
-    def __init__(self, sync: IPFS, *, limiter: trio.CapacityLimiter | None = None) -> None:
-        self.sync = sync
-        self._limiter = limiter
-
-    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        def call() -> T:
-            return fn(*args, **kwargs)
-
-        return await trio.to_thread.run_sync(call, limiter=self._limiter)
-
-    async def version(self) -> str:
-        return await self._run(self.sync.version)
-
-    async def id(self) -> NodeId:
-        return await self._run(self.sync.id)
-
-    async def add(self, data: bytes | BinaryIO | Iterable[bytes], *, pin: bool = True) -> str:
-        return await self._run(self.sync.add, data, pin=pin)
-
-    async def cat(self, cid: str, offset: int = 0, length: int | None = None) -> bytes:
-        return await self._run(self.sync.cat, cid, offset, length)
-
-    async def pin(self, cid: str) -> None:
-        await self._run(self.sync.pin, cid)
-
-    async def unpin(self, cid: str) -> None:
-        await self._run(self.sync.unpin, cid)
-
-    async def stat(self, cid: str) -> ObjectStat:
-        return await self._run(self.sync.stat, cid)
-
-    async def swarm_connect(self, address: str) -> None:
-        await self._run(self.sync.swarm_connect, address)

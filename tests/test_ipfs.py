@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import socket
 import threading
@@ -11,10 +10,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import trio
 
 from medfs.errors import IPFSError
-from medfs.ipfs import IPFS, AsyncIPFS, _cid_codec
+from medfs.ipfs import IPFS, _cid_codec
 
 MiB = 1 << 20
 
@@ -166,33 +164,6 @@ def test_api_not_answering_times_out(silent_server: SilentServer) -> None:
     client = IPFS(f"/ip4/127.0.0.1/tcp/{silent_server.port}", timeout=1)
     with pytest.raises(IPFSError, match=r"did not answer within 1 s"):
         client.version()
-
-
-async def test_async_calls_never_block_the_trio_thread(silent_server: SilentServer) -> None:
-    client = AsyncIPFS(IPFS(f"/ip4/127.0.0.1/tcp/{silent_server.port}", timeout=2))
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await trio.sleep(0.01)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker)
-        with pytest.raises(IPFSError):
-            await client.cat("bafkqaaa")
-        nursery.cancel_scope.cancel()
-    # The call waited ~2 s; had it run on the trio thread, the ticker could not have run.
-    assert ticks > 50
-
-
-async def test_async_round_trip(ipfs: IPFS) -> None:
-    client = AsyncIPFS(ipfs)
-    data = os.urandom(300_000)
-    cid = await client.add(data)
-    assert await client.cat(cid, 1000, 5000) == data[1000:6000]
-    assert (await client.stat(cid)).size == len(data)
 
 
 def test_bad_api_address() -> None:
