@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -63,6 +62,10 @@ PREFETCH_PARALLEL = 3
 CLAIMS_KEPT = 64
 # How many write chunks may wait for the sealer before a writer blocks (8 MiB of 128 KiB writes).
 UPLOAD_QUEUE = 64
+# The sealer hands the uploader and the spool batches of this many segments (1 MiB), and at
+# most this many batches wait for the uploader before the sealer does.
+SPOOL_BATCH = 16
+UPLOAD_BATCHES = 8
 # How many segments an overlay commit reads from its base in one range request.
 COMMIT_BATCH = 64
 # A file written in order is held in memory up to this size, then streamed into an upload.
@@ -422,38 +425,29 @@ def seal_small(directory: Path, plaintext: bytes) -> Sealed:
 
 
 class Spool:
-    """One encrypted object being written to the staging area while it is uploaded.
+    """One encrypted object written to the staging area while it is uploaded.
 
-    Writing the ciphertext locally first decouples encryption from the upload: if the node
-    fails, the object still completes on disk and waits there for the node to come back.
-    The uploader reads the file as it grows. Once uploaded, the file is deleted.
+    The copy on disk decouples encryption from the upload: if the node fails, the object
+    still completes here and waits for the node to come back. Once uploaded, it is deleted.
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / f"{os.urandom(12).hex()}.obj"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._size = 0
-        self._done = False
-        self._cond = threading.Condition()
 
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        with self._cond:
-            self._size += len(data)
-            self._cond.notify_all()
-
-    def finish(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
+    def write(self, pieces: list[bytes]) -> None:
+        # One writev per batch of segments: a GiB is ~1,000 system calls, not ~16,000.
+        while pieces:
+            n = os.writev(self._fd, pieces)
+            while pieces and n >= len(pieces[0]):
+                n -= len(pieces.pop(0))
+            if n:
+                pieces[0] = pieces[0][n:]
 
     def sync(self) -> None:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        self.finish()
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
@@ -462,37 +456,18 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def reader(self) -> io.RawIOBase:
-        spool = self
 
-        class Tail(io.RawIOBase):
-            """Reads the spool as it grows; EOF only once the writer has finished."""
-
-            pos = 0
-
-            def readable(self) -> bool:
-                return True
-
-            def readinto(self, buffer: Any) -> int:
-                with spool._cond:
-                    while spool._size <= self.pos and not spool._done:
-                        spool._cond.wait()
-                    available = spool._size - self.pos
-                if available <= 0:
-                    return 0
-                view = memoryview(buffer).cast("B")
-                # Straight into the caller's buffer: every byte of an upload passes here.
-                n = os.preadv(spool._fd, [view[: min(len(view), available)]], self.pos)
-                self.pos += n
-                return n
-
-        return Tail()
+class _SealFailed(Exception):
+    """Ends the upload's stream when encryption failed, so no truncated object is added."""
 
 
 class SealAndUpload:
-    """Encrypt plaintext under a fresh key into a spool (one thread) while another thread
-    uploads the spool to IPFS as it grows. An upload failure does not stop the encryption:
-    the object still completes on disk."""
+    """Encrypt plaintext under a fresh key (one thread) and upload the ciphertext as it comes
+    (another thread), writing each batch of segments to a spool on the way.
+
+    The uploader takes the batches from memory: reading the spool back cost a copy of every
+    byte. An upload failure does not stop the encryption: the object still completes on disk.
+    """
 
     def __init__(self, ipfs: IPFS, directory: Path, plaintext: Iterable[bytes]) -> None:
         self.key = format.new_content_key()
@@ -504,38 +479,73 @@ class SealAndUpload:
         self._cid: str | None = None
         self._seal_error: BaseException | None = None
         self._upload_error: str | None = None
+        self._batches: queue.Queue[list[bytes] | None] = queue.Queue(UPLOAD_BATCHES)
+        self._upload_over = threading.Event()
+        self._aborted = False
         self._sealer = threading.Thread(target=self._seal, name="medfs-seal", daemon=True)
         self._uploader = threading.Thread(target=self._upload, name="medfs-upload", daemon=True)
         self._sealer.start()
         self._uploader.start()
 
     def _seal(self) -> None:
+        batch: list[bytes] = []
         try:
             for piece in format.encrypt(self.key, self._counted()):
+                if self._aborted:
+                    return
                 if self._salt is None:
                     self._salt = format.Header.parse(piece).salt
-                self.spool.write(piece)
+                batch.append(piece)
+                if len(batch) == SPOOL_BATCH:
+                    self._emit(batch)
+                    batch = []
+            if batch:
+                self._emit(batch)
         except BaseException as err:  # reported when the draft commits
             self._seal_error = err
         finally:
-            self.spool.finish()
+            self._hand(None)
+
+    def _emit(self, batch: list[bytes]) -> None:
+        self._hand(batch)
+        self.spool.write(list(batch))
+
+    def _hand(self, batch: list[bytes] | None) -> None:
+        # Once the upload has failed, nobody takes them: the spool alone goes on.
+        while not self._upload_over.is_set():
+            try:
+                self._batches.put(batch, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def _counted(self) -> Iterator[bytes]:
         for chunk in self._plaintext:
             self._size += len(chunk)
             yield chunk
 
+    def _ciphertext(self) -> Iterator[bytes]:
+        while (batch := self._batches.get()) is not None:
+            yield from batch
+        if self._seal_error is not None or self._aborted:
+            raise _SealFailed
+
     def _upload(self) -> None:
         try:
-            self._cid = self._ipfs.add(io.BufferedReader(self.spool.reader(), 1 << 20))
+            self._cid = self._ipfs.add(self._ciphertext())
+        except _SealFailed:
+            pass  # the sealer's error is the one reported
         except MedfsError as err:
             self._upload_error = err.message
         except Exception as err:  # anything else is still a failed upload, kept in staging
             self._upload_error = repr(err)
+        finally:
+            self._upload_over.set()
 
     def finish_sync(self) -> Sealed:
         """Wait for both threads (blocking). ContentError if the object could not be made."""
         self._sealer.join()
+        self._uploader.join()
         if self._seal_error is not None:
             self.spool.discard()
             err = self._seal_error
@@ -543,19 +553,25 @@ class SealAndUpload:
                 raise err
             message = err.message if isinstance(err, MedfsError) else repr(err)
             raise ContentError(f"cannot encrypt the new version: {message}") from err
-        self._uploader.join()
         assert self._salt is not None
         if self._cid is None:
             self.spool.sync()  # it must survive a crash until it is uploaded
-        else:
-            self.spool.close()
+        self.spool.close()
         return Sealed(
             self.key, self._salt, self._size, self.spool.path, self._cid, self._upload_error
         )
 
     def abort(self) -> None:
-        """Give up (the file was deleted): stop, and remove the spool."""
-        self.spool.discard()
+        """Give up (the file was deleted): stop, and remove the spool once the threads are
+        done with it (closing it under the sealer could let it write into a reused fd)."""
+        self._aborted = True
+
+        def discard() -> None:
+            self._sealer.join()
+            self._uploader.join()
+            self.spool.discard()
+
+        threading.Thread(target=discard, name="medfs-abort", daemon=True).start()
 
 
 class StreamFeed:
@@ -594,9 +610,10 @@ class StreamFeed:
         return await trio.to_thread.run_sync(done)
 
     def abort(self) -> None:
+        # Aborted first: a sealer still busy with queued writes stops at its next segment.
+        self.job.abort()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(None)
-        self.job.abort()
 
 
 class Draft:

@@ -78,13 +78,29 @@ class IteratorReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def _fill(self) -> bool:
         while not self._pending:
             try:
                 self._pending = bytes(next(self._chunks))
             except StopIteration:
-                return 0
+                return False
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """The next chunk, or its first `size` bytes: as it came, without a copy, when it fits
+        (an upload passes every byte of a file through here)."""
+        if not self._fill():
+            return b""
+        if size is None or size < 0 or size >= len(self._pending):
+            piece, self._pending = self._pending, b""
+        else:
+            piece, self._pending = self._pending[:size], self._pending[size:]
+        return piece
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if not self._fill():
+            return 0
         n = min(len(view), len(self._pending))
         view[:n] = self._pending[:n]
         self._pending = self._pending[n:]
@@ -600,11 +616,11 @@ class IPFS:
     def add(self, data: bytes | BinaryIO | Iterable[bytes], *, pin: bool = True) -> str:
         """Add one file's bytes (CIDv1, raw leaves) and return its CID. Streams; never buffers."""
         if isinstance(data, bytes | bytearray | memoryview):
-            stream: BinaryIO = io.BytesIO(bytes(data))
+            stream: BinaryIO | IteratorReader = io.BytesIO(bytes(data))
         elif hasattr(data, "read"):
             stream = data  # type: ignore[assignment]
         else:
-            stream = io.BufferedReader(IteratorReader(data), UPLOAD_CHUNK)
+            stream = IteratorReader(data)
         body, headers = ipfshttpclient.multipart.stream_files(stream, chunk_size=UPLOAD_CHUNK)
         opts = {
             "cid-version": "1",
