@@ -303,6 +303,13 @@ def test_ls_stat_and_ciphertext_on_ipfs(mnt: Mounted, kubo_node: EmbeddedNode) -
     assert len(out.stdout) > len(data)
     stats = json.loads(os.getxattr(mnt.mnt, "user.medfs.stats"))
     assert stats["commits"] >= 1 and stats["pending"] == 0
+    # cp and friends size their writes by st_blksize: 1 MiB, 16 segments a request.
+    assert (d / "r.txt").stat().st_blksize == 1 << 20
+    # The kernel asks this before every write; no such attribute, whatever the name.
+    for name in ("security.capability", "user.medfs.nosuch", "trusted.x"):
+        with pytest.raises(OSError) as err:
+            os.getxattr(d / "r.txt", name)
+        assert err.value.errno == errno.ENODATA, name
 
 
 def test_big_file(mnt: Mounted, tmp_path: Path) -> None:
