@@ -75,7 +75,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from medfs import recipients
+from medfs import durable, recipients
 from medfs.errors import AuditError, FormatError
 from medfs.identity import Identity, PublicIdentity
 
@@ -467,28 +467,6 @@ def load_anchors(path: str | os.PathLike[str]) -> list[Anchor]:
     return anchors
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Adder(Protocol):
     """What `anchor` needs of the IPFS adapter: add bytes (pinned), return the CID."""
 
@@ -695,7 +673,8 @@ class AuditLog:
                 raise AuditError(f"the audit log {self.path} is not a regular file")
             os.fchmod(fd, 0o600)
             if os.fstat(fd).st_size == 0:
-                _fsync_dir(self.path.parent)  # the new file's name must survive a crash too
+                # The new file's name must survive a crash too.
+                durable.fsync_path(self.path.parent, directory=True)
         except BaseException:
             os.close(fd)
             raise
@@ -917,7 +896,7 @@ class AuditLog:
         records.append(anchor.record())
         data = (json.dumps(records, indent=2, sort_keys=True) + "\n").encode("ascii")
         try:
-            _write_atomically(self.anchors_path, data)
+            durable.replace(self.anchors_path, data)
         except OSError as err:
             raise AuditError(
                 f"anchored at {cid}, but cannot record it in {self.anchors_path}: {err.strerror}"

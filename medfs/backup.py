@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from medfs import audit, envelope, identity, recipients, state
+from medfs import audit, durable, envelope, identity, recipients, state
 from medfs.audit import AuditLog
 from medfs.errors import (
     FormatError,
@@ -452,18 +452,6 @@ class Restored:
     missing: list[str]  # CIDs that could not be pinned
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fetch(cid: str, ipfs: IPFS) -> bytes:
     """A snapshot's bytes from IPFS, refusing anything too large before reading it."""
     size = ipfs.stat(cid).size
@@ -505,7 +493,7 @@ def restore(
     new_state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     written: list[Path] = []
     try:
-        _write_new(new_state.manifest, snap.manifest)
+        durable.write_new(new_state.manifest, snap.manifest)
         written.append(new_state.manifest)
         _write_json(restored_anchors_path(new_state), list(snap.anchors))
         written.append(restored_anchors_path(new_state))

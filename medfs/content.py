@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from medfs import format, layout
+from medfs import durable, format, layout
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.ipfs import IPFS
 
@@ -894,9 +894,9 @@ class PendingStore:
         self._aead = AESGCM(key)
 
     def save(
-        self, ino: int, sealed: Sealed, mtime_ns: int, *, durable: bool = True
+        self, ino: int, sealed: Sealed, mtime_ns: int, *, synced: bool = True
     ) -> PendingRecord:
-        """Record `sealed` as waiting for upload. Without `durable` nothing is fsynced: the
+        """Record `sealed` as waiting for upload. Without `synced` nothing is fsynced: the
         record survives the daemon being killed, and `sync` makes it survive a power cut."""
         record = PendingRecord(
             ino, sealed.spool, sealed.key, sealed.salt, sealed.size, mtime_ns,
@@ -910,34 +910,26 @@ class PendingStore:
         tmp = record.meta.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, nonce + self._aead.encrypt(nonce, body, self.AAD))
-            if durable:
+            durable.write_all(fd, nonce + self._aead.encrypt(nonce, body, self.AAD))
+            if synced:
                 os.fsync(fd)
         finally:
             os.close(fd)
         tmp.replace(record.meta)
-        if durable:
+        if synced:
             self._sync_directory()
         return record
 
     def sync(self, records: Iterable[PendingRecord]) -> None:
-        """Make records saved without `durable` survive a power cut (blocking)."""
+        """Make records saved without `synced` survive a power cut (blocking)."""
         for record in records:
             for path in (record.spool, record.meta):
                 with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    durable.fsync_path(path)
         self._sync_directory()
 
     def _sync_directory(self) -> None:
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the names must survive a crash too
-        finally:
-            os.close(dir_fd)
+        durable.fsync_path(self.directory, directory=True)  # the names must survive a crash
 
     def load(self) -> list[PendingRecord]:
         found = []

@@ -308,7 +308,7 @@ class Filesystem(pyfuse3.Operations):
             return
         # A record of a few hundred bytes, not synced: written here rather than in a worker,
         # whose hand-off would cost more than the write (this runs at every small close).
-        record = self.pending_store.save(ino, sealed, mtime_ns, durable=False)
+        record = self.pending_store.save(ino, sealed, mtime_ns, synced=False)
         older = self._pending.get(ino)
         self._pending[ino] = record
         if older is not None:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from medfs import recipients
+from medfs import durable, recipients
 from medfs.errors import FormatError, KeyFileError, PassphraseError, UsageError
 from medfs.recipients import Kind, Recipient, RecipientSecret, Stanza
 
@@ -392,19 +392,6 @@ def read_any_file(path: str | os.PathLike[str]) -> tuple[str, str]:
     raise KeyFileError(f"{path} is not a medfs key file or public file")
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never overwrite, and never follow a planted symlink at the target.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_identity_files(
     out: str | os.PathLike[str],
     identity: Identity,
@@ -421,13 +408,13 @@ def write_identity_files(
             raise KeyFileError(f"{path} already exists; refusing to overwrite it")
     key_text = encrypt_identity(identity, passphrase, log2_n=log2_n)
     try:
-        _write_new(key_path, key_text.encode("ascii"), 0o600)
+        durable.write_new(key_path, key_text.encode("ascii"), 0o600)
     except FileExistsError:
         raise KeyFileError(f"{key_path} already exists; refusing to overwrite it") from None
     except OSError as err:
         raise KeyFileError(f"cannot create {key_path}: {err.strerror}") from None
     try:
-        _write_new(pub_path, identity.public.to_text().encode("ascii"), 0o644)
+        durable.write_new(pub_path, identity.public.to_text().encode("ascii"), 0o644)
     except OSError as err:
         # Leave no half identity behind: a key without its public file would be confusing.
         with contextlib.suppress(OSError):

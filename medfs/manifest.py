@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from medfs import durable
 from medfs.errors import FormatError, MedfsError
 
 SCHEMA_VERSION = 2
@@ -343,14 +344,6 @@ def _migrate_from_1(db: sqlite3.Connection) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Manifest:
     """An open manifest. Build it with `Manifest.initialize` or `Manifest.open`, not directly.
 
@@ -421,7 +414,8 @@ class Manifest:
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{path}{suffix}").unlink()
             raise
-        _fsync_dir(path.absolute().parent)  # the file's own directory entry must be durable too
+        # The file's own directory entry must be durable too.
+        durable.fsync_path(path.absolute().parent, directory=True)
         manifest.unlock(names)
         return manifest
 

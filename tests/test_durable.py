@@ -1,0 +1,52 @@
+"""The crash-safe file writers every module that keeps secrets on disk goes through."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from medfs import durable
+
+
+def test_write_new_sets_the_mode_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        durable.write_new(tmp_path / "pub", b"public", 0o644)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "pub").stat().st_mode) == 0o644
+    assert (tmp_path / "pub").read_bytes() == b"public"
+
+
+def test_write_new_never_overwrites_nor_follows_a_planted_link(tmp_path: Path) -> None:
+    (tmp_path / "key").write_bytes(b"the old key")
+    with pytest.raises(FileExistsError):
+        durable.write_new(tmp_path / "key", b"new")
+    assert (tmp_path / "key").read_bytes() == b"the old key"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(FileExistsError):
+        durable.write_new(tmp_path / "link", b"secret")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_replace_swaps_the_content_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "anchors.json"
+    durable.replace(target, b"first")
+    durable.replace(target, b"second, longer")
+    assert target.read_bytes() == b"second, longer"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["anchors.json"]
+
+
+def test_write_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data)[:7]))
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        durable.write_all(fd, b"x" * 100 + b"end")
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"x" * 100 + b"end"
