@@ -262,6 +262,9 @@ class Bench:
             with open(src, "wb") as fh:
                 for _ in range(size // MiB):
                     fh.write(os.urandom(MiB))
+                # On disk now: written back later, it would slow whichever run came 30 s on.
+                fh.flush()
+                os.fsync(fh.fileno())
         return src
 
     def tree(self) -> Path:
