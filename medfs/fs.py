@@ -717,6 +717,13 @@ class Filesystem(pyfuse3.Operations):
             known = self._paths[ino] = os.fsdecode(path)
         return known
 
+    def _child_path(self, parent: int, name: bytes, ino: int) -> str:
+        """A new entry's path from its parent's (remembered for its siblings): no walk up to
+        the root, decrypting every name on the way, for each file `cp -r` creates."""
+        base = self._path(parent)
+        path = self._paths[ino] = f"{base.rstrip('/')}/{os.fsdecode(name)}"
+        return path
+
     async def _record(self, event: str, *, cid: str | None = None, **details: object) -> None:
         """Make the manifest durable and record an event, before the operation is
         acknowledged: the log never tells of a change a power cut could undo."""
@@ -833,8 +840,7 @@ class Filesystem(pyfuse3.Operations):
              target: bytes | None = None) -> Inode:  # fmt: skip
         self._writable()
         self._check_name(name)
-        if self._inode(parent).kind != "dir":
-            raise _fail(errno.ENOTDIR)
+        # A missing or non-directory parent: ENOENT or ENOTDIR from the manifest.
         return self.manifest.create(
             parent, name, kind, mode & 0o7777, ctx.uid, ctx.gid, time.time_ns(), target=target
         )
@@ -1005,8 +1011,9 @@ class Filesystem(pyfuse3.Operations):
             # latest (durable appends write the queue first), and a file is only created
             # for anyone once that version exists.
             self.journal.append_batched(
-                "create", path=self._path(node.ino), pid=ctx.pid, uid=ctx.uid
-            )
+                "create", path=self._child_path(parent_inode, name, node.ino), pid=ctx.pid,
+                uid=ctx.uid,
+            )  # fmt: skip
         draft = self._draft(node)
         draft.dirty = True  # even an empty new file becomes a (tiny) encrypted object
         fh = self._new_handle(node.ino, writable=True)

@@ -745,6 +745,8 @@ class Manifest:
         if target is not None:
             _check_target(target)
         cipher = self._cipher
+        entry_id = new_entry_id() if entry_id is None else bytes(entry_id)
+        size = 0 if target is None else len(target)
         with self._write() as db:
             self._need_dir(parent, linked=True)
             sealed = cipher.seal_name(parent, name)
@@ -758,13 +760,13 @@ class Manifest:
                     mode,
                     uid,
                     gid,
-                    0 if target is None else len(target),
+                    size,
                     now_ns,
                     now_ns,
                     now_ns,
                     # The sealed target is bound to the inode number, known only after the insert.
                     None if target is None else b"",
-                    new_entry_id() if entry_id is None else bytes(entry_id),
+                    entry_id,
                 ),
             ).lastrowid
             assert ino is not None
@@ -777,7 +779,9 @@ class Manifest:
                 "INSERT INTO dirents (parent, name, ino) VALUES (?, ?, ?)", (parent, sealed, ino)
             )
             self._touch(parent, now_ns)
-        return self._need(ino)
+        # What was just written, without reading it back: cp -r creates thousands of these.
+        return Inode(ino, kind, mode, uid, gid, size, now_ns, now_ns, now_ns,
+                     None, None, None, None, entry_id)  # fmt: skip
 
     def set_attrs(
         self,

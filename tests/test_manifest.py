@@ -277,6 +277,8 @@ def test_create_lookup_children_round_trip(m):
         f.ino, Kind.FILE, 0o644, UID, GID, 0, *(T0 + 20,) * 3, None, None, None, None, f.entry_id
     )
     assert (s.kind, s.size, s.st_mode) == (Kind.SYMLINK, 7, stat.S_IFLNK | 0o777)
+    # What create returns is what was stored, to the field (d has changed since: its mtime).
+    assert (f, s) == (m.get(f.ino), m.get(s.ino))
     assert m.readlink(s.ino) == b"mri.dcm"
     assert m.lookup(ROOT_INODE, b"scans") == m.get(d.ino)
     assert m.lookup(d.ino, b"mri.dcm") == f
@@ -290,7 +292,10 @@ def test_create_lookup_children_round_trip(m):
     # Creating an entry changes its directory's mtime and ctime.
     after = m.get(d.ino)
     assert after is not None and (after.mtime_ns, after.ctime_ns) == (T0 + 30, T0 + 30)
-    assert m.create(ROOT_INODE, b"x", "file", 0o600, 0, 0, T0).kind is Kind.FILE
+    x = m.create(ROOT_INODE, b"x", "file", 0o600, 0, 0, T0)
+    assert x.kind is Kind.FILE and x == m.get(x.ino)
+    sub = mkdir(m, d.ino, b"2026", now=T0 + 40)
+    assert sub == m.get(sub.ino)
 
 
 def test_inode_numbers_are_never_reused(m):
