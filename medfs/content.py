@@ -412,9 +412,7 @@ def seal_small(directory: Path, plaintext: bytes) -> Sealed:
     spool = directory / f"{os.urandom(12).hex()}.obj"
     fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(ciphertext)
-        while view:
-            view = view[os.write(fd, view) :]
+        durable.write_all(fd, ciphertext)
     except BaseException:
         os.close(fd)
         spool.unlink()

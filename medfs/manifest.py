@@ -1065,14 +1065,19 @@ class Manifest:
         return [(ino, fpr, bytes(public), created) for ino, fpr, public, created in rows]
 
     def grantees(self, ino: int) -> dict[str, bytes]:
-        """Who may read `ino`: the grants on it and on every directory above it."""
-        out: dict[str, bytes] = {}
+        """Who may read `ino`: the grants on it and on every directory above it (the nearest
+        one's public file, should two name the same identity)."""
         chain = [ino] + [parent for _, parent, _ in self._ancestry(ino)]
-        for current in chain:
-            for fpr, public in self._conn.execute(
-                "SELECT fingerprint, public FROM grants WHERE ino = ?", (current,)
-            ):
-                out.setdefault(fpr, bytes(public))
+        # One query for the whole chain, not one per level: every committed version asks.
+        marks = ",".join("?" * len(chain))  # placeholders only, hence the noqa
+        rows = self._conn.execute(
+            f"SELECT ino, fingerprint, public FROM grants WHERE ino IN ({marks})",  # noqa: S608
+            chain,
+        ).fetchall()
+        depth = {node: i for i, node in enumerate(chain)}
+        out: dict[str, bytes] = {}
+        for _, fpr, public in sorted(rows, key=lambda row: depth[row[0]]):
+            out.setdefault(fpr, bytes(public))
         return out
 
     def next_sequence(self, fingerprint: str) -> int:

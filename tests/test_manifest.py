@@ -887,6 +887,14 @@ def test_grants_cover_everything_below_and_sequences_only_grow(tmp_path: Path) -
         assert m.grantees(f.ino) == {"bob": b"bob-public", "carol": b"carol-public"}
         assert m.grantees(sub.ino) == {"bob": b"bob-public"}
         assert m.grantees(other.ino) == {}
+        # The same identity granted at two levels: the nearest grant's public file counts.
+        m.add_grant(sub.ino, "bob", b"bob-public-renewed", now_ns=T0)
+        assert m.grantees(f.ino)["bob"] == b"bob-public-renewed"
+        assert m.grantees(d.ino)["bob"] == b"bob-public"
+        assert m.remove_grant(sub.ino, "bob")
+        m.add_grant(ROOT_INODE, "dana", b"dana-public", now_ns=T0)
+        assert m.grantees(other.ino) == {"dana": b"dana-public"}
+        assert m.remove_grant(ROOT_INODE, "dana")
         assert m.remove_grant(d.ino, "bob") and not m.remove_grant(d.ino, "bob")
         assert m.grantees(f.ino) == {"carol": b"carol-public"}
         assert [m.next_sequence("bob") for _ in range(3)] == [1, 2, 3]
