@@ -171,9 +171,16 @@ def settle(layout: Layout, timeout: float = SETTLE_TIMEOUT) -> None:
 def unlock(layout: Layout, passphrase: str) -> Session:
     """Load the owner's identity and open the manifest with its names readable (after a
     running mount has committed what it holds)."""
+    return _open_session(layout, _load_owner(layout, passphrase))
+
+
+def _load_owner(layout: Layout, passphrase: str) -> Identity:
     settle(layout)
+    return identity.read_key_file(Path(str(read_config(layout)["key"])), passphrase)
+
+
+def _open_session(layout: Layout, owner: Identity) -> Session:
     config = read_config(layout)
-    owner = identity.read_key_file(Path(str(config["key"])), passphrase)
     if not layout.manifest.exists():
         raise UsageError(f"the manifest {layout.manifest} is missing")
     manifest = Manifest.open(layout.manifest)
@@ -188,6 +195,35 @@ def unlock(layout: Layout, passphrase: str) -> Session:
     manifest_key = owner.unwrap(stanza, manifest_context(manifest_id))
     manifest.unlock(NameCipher(manifest_key))
     return Session(owner, manifest, manifest_key)
+
+
+class Unlocking:
+    """`unlock` with the key file decrypted in a worker thread. scrypt takes about a second
+    and releases the GIL, so the command that waits for the key can load the rest of its code
+    meanwhile. The manifest is opened by `wait`, in the caller's thread (SQLite connections
+    belong to the thread that made them)."""
+
+    def __init__(self, layout: Layout, passphrase: str) -> None:
+        self._layout = layout
+        self._owner: Identity | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(passphrase,), name="medfs-unlock", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, passphrase: str) -> None:
+        try:
+            self._owner = _load_owner(self._layout, passphrase)
+        except BaseException as err:  # raised again in the waiting thread
+            self._error = err
+
+    def wait(self) -> Session:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._owner is not None
+        return _open_session(self._layout, self._owner)
 
 
 class MountLock:

@@ -42,6 +42,15 @@ def test_wrong_passphrase(tmp_path: Path, keys: Path) -> None:
     assert not (tmp_path / "s" / "config.json").exists()
 
 
+def test_wrong_passphrase_for_a_command_that_unlocks_in_the_background(tmp_path: Path) -> None:
+    # share, revoke and grants decrypt the key in a worker thread: its errors still come out
+    # as the one clean message and exit code.
+    init_state(tmp_path / "s")
+    out = run_medfs("grants", env=env_for(tmp_path / "s", MEDFS_PASSPHRASE="not it"))
+    assert_clean_error(out, 6, "wrong passphrase")
+    assert run_medfs("grants", env=env_for(tmp_path / "s")).stdout.strip() == "nothing is shared"
+
+
 def test_key_file_readable_by_others(tmp_path: Path, keys: Path) -> None:
     loose = tmp_path / "loose.key"
     loose.write_bytes((keys / "alice.key").read_bytes())
