@@ -433,8 +433,9 @@ class Spool:
         self.path = directory / f"{os.urandom(12).hex()}.obj"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 
-    def write(self, pieces: list[bytes]) -> None:
+    def write(self, batch: list[bytes]) -> None:
         # One writev per batch of segments: a GiB is ~1,000 system calls, not ~16,000.
+        pieces = list(batch)  # the caller's list is handed on to the uploader as it is
         while pieces:
             n = os.writev(self._fd, pieces)
             while pieces and n >= len(pieces[0]):
@@ -506,7 +507,7 @@ class SealAndUpload:
 
     def _emit(self, batch: list[bytes]) -> None:
         self._hand(batch)
-        self.spool.write(list(batch))
+        self.spool.write(batch)
 
     def _hand(self, batch: list[bytes] | None) -> None:
         # Once the upload has failed, nobody takes them: the spool alone goes on.

@@ -88,10 +88,12 @@ class IteratorReader(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         """The next chunk, or its first `size` bytes: as it came, without a copy, when it fits
-        (an upload passes every byte of a file through here)."""
+        (an upload passes every byte of a file through here). No `size`: everything left."""
+        if size is None or size < 0:
+            return self.readall()
         if not self._fill():
             return b""
-        if size is None or size < 0 or size >= len(self._pending):
+        if size >= len(self._pending):
             piece, self._pending = self._pending, b""
         else:
             piece, self._pending = self._pending[:size], self._pending[size:]

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from medfs.errors import IPFSError
-from medfs.ipfs import IPFS, _cid_codec
+from medfs.ipfs import IPFS, IteratorReader, _cid_codec
 
 MiB = 1 << 20
 
@@ -358,3 +358,13 @@ def test_small_cat_from_a_silent_node_times_out(silent_server: SilentServer) -> 
     client._dag[FAKE_ROOT] = (("bafkqaaa", 1000),)
     with pytest.raises(IPFSError, match=r"did not answer within 1 s \(while trying to read"):
         client.cat(FAKE_ROOT, 0, 10)
+
+
+def test_iterator_reader_hands_chunks_on_whole_and_reads_all_without_a_size() -> None:
+    first, second = b"a" * 10, b"b" * 5
+    reader = IteratorReader([first, second, b"tail"])
+    assert reader.read(100) is first  # the chunk itself: no copy on the upload path
+    assert reader.read(3) == b"bbb" and reader.read(100) == b"bb"
+    assert IteratorReader([first, second, b"tail"]).read() == first + second + b"tail"
+    assert IteratorReader([first, second]).read(-1) == first + second
+    assert reader.read(100) == b"tail" and reader.read(100) == b""
