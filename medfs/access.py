@@ -13,6 +13,7 @@ turns it into a local, read-only manifest that the ordinary filesystem serves.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfs import format, layout, recipients, sharing, state
+from medfs import forked, format, layout, recipients, sharing, state
 from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
@@ -57,16 +58,28 @@ def _resolve(manifest: Manifest, path: str) -> Inode:
     return inode
 
 
-def _content_key(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
-    assert inode.salt is not None
+def _owner_wrap(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
     wrapped = manifest.wrap(inode.ino, owner.fingerprint)
     if wrapped is None:
         raise FormatError(
             f"{_name_of(manifest, inode)}: the manifest holds no key of its version for the owner",
             hint="run `medfs verify`",
         )
-    stanza = recipients.Stanza.from_bytes(wrapped)
+    return wrapped
+
+
+def _content_key(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
+    assert inode.salt is not None
+    stanza = recipients.Stanza.from_bytes(_owner_wrap(owner, manifest, inode))
     return owner.unwrap(stanza, recipients.entry_context(inode.entry_id, inode.salt))
+
+
+def _rewrap(owner: Identity, to: recipients.Recipient, job: tuple[bytes, bytes, bytes]) -> bytes:
+    """The owner's wrapped key of one version (stanza, entry id, salt), wrapped for `to`."""
+    wrapped, entry_id, salt = job
+    context = recipients.entry_context(entry_id, salt)
+    key = owner.unwrap(recipients.Stanza.from_bytes(wrapped), context)
+    return recipients.wrap(key, to, context).to_bytes()
 
 
 def _subtree(manifest: Manifest, top: Inode) -> Iterator[tuple[str, Inode]]:
@@ -87,21 +100,24 @@ def grant(
     now = now_ns or time.time_ns()
     public = to.to_text().encode()
     recipient = to.recipient()
-    wrapped = 0
+    files: dict[int, tuple[str, tuple[bytes, bytes, bytes]]] = {}  # a file under two tops once
     for top in tops:
         # The grant first: a version a running mount commits from now on is wrapped for them.
         manifest.add_grant(top.ino, to.fingerprint, public, now_ns=now)
-        wraps = []
         for _rel, inode in _subtree(manifest, top):
-            if inode.kind != Kind.FILE or inode.cid is None or inode.salt is None:
-                continue
-            key = _content_key(owner, manifest, inode)
-            context = recipients.entry_context(inode.entry_id, inode.salt)
-            stanza = recipients.wrap(key, recipient, context).to_bytes()
-            wraps.append((inode.ino, inode.cid, to.fingerprint, stanza))
-        manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
-        wrapped += len(wraps)
-    return wrapped
+            if inode.kind == Kind.FILE and inode.cid is not None and inode.salt is not None:
+                job = (_owner_wrap(owner, manifest, inode), inode.entry_id, inode.salt)
+                files[inode.ino] = (inode.cid, job)
+    # Unwrapping and wrapping are nearly all of a large share's work, and hold the GIL.
+    stanzas = forked.map_split(
+        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files.values()]
+    )
+    wraps = [
+        (ino, cid, to.fingerprint, stanza)
+        for (ino, (cid, _job)), stanza in zip(files.items(), stanzas, strict=True)
+    ]
+    manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
+    return len(wraps)
 
 
 def _name_of(manifest: Manifest, inode: Inode) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 LAYERS: list[set[str]] = [
-    {"errors", "paths", "durable"},
+    {"errors", "paths", "durable", "forked"},
     {"layout", "ipfs", "manifest"},
     {"format", "kubo"},
     {"recipients", "content"},
