@@ -135,11 +135,16 @@ def build_share(
 ) -> sharing.ShareManifest:
     """The share manifest of everything granted to `fingerprint`, at the next sequence."""
     manifest = session.manifest
-    tops = [manifest.get(ino) for ino, fpr, _pub, _t in manifest.grants() if fpr == fingerprint]
+    granted: dict[bytes, Inode] = {}  # path -> inode, of the granted items that still exist
+    for ino, fpr, _pub, _t in manifest.grants():
+        top = manifest.get(ino) if fpr == fingerprint else None
+        where = manifest.path_of(ino) if top is not None else None
+        if top is not None and where is not None:
+            granted[where] = top
     entries: dict[str, sharing.SharedEntry] = {}
-    for top in tops:
-        if top is None or manifest.path_of(top.ino) is None:
-            continue  # a granted file that was deleted since
+    for top_path, top in granted.items():
+        if any(_below(top_path, other) for other in granted):
+            continue  # in a shared directory: it is in the manifest once, at its place there
         base = _name_of(manifest, top)
         if base in entries:
             raise UsageError(
@@ -162,6 +167,10 @@ def build_share(
         providers=providers,
         entries=tuple(entries[p] for p in sorted(entries)),
     )
+
+
+def _below(path: bytes, directory: bytes) -> bool:
+    return path != directory and path.startswith(directory.rstrip(b"/") + b"/")
 
 
 def _entry(manifest: Manifest, path: str, inode: Inode, fpr: str) -> sharing.SharedEntry | None:

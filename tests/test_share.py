@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from medfs import state
+from medfs import forked, state
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
@@ -89,6 +89,38 @@ def test_share_mount_update_rollback_revoke(tmp_path: Path, nodes: tuple[str, st
             for person in people:
                 if os.path.ismount(person.mnt):
                     subprocess.run(["fusermount3", "-u", "-z", str(person.mnt)], check=False)
+
+
+def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
+    tmp_path: Path, nodes: tuple[str, str]
+) -> None:
+    """Enough files for the wrapping to be split across processes (medfs.forked), under two
+    shared directories and one file shared twice: every file opens with the recipient's key."""
+    api_a, api_b = nodes
+    frank = Person(tmp_path, "frank", api_b, "--classic")
+    n = 2 * forked.MIN_PER_PROCESS + 10
+    with mounted(tmp_path / "alice", api_a) as alice:
+        try:
+            bodies = {}
+            for d in ("ward1", "ward2"):
+                (alice.mnt / d).mkdir()
+                for i in range(n // 2):
+                    bodies[f"{d}/r{i}.txt"] = f"{d} record {i} ".encode() * (i + 1)
+                    (alice.mnt / d / f"r{i}.txt").write_bytes(bodies[f"{d}/r{i}.txt"])
+            subprocess.run(["sync", str(alice.mnt)], check=True)  # every version committed
+            out = share(alice, str(alice.mnt / "ward1"), str(alice.mnt / "ward2"),
+                        str(alice.mnt / "ward1/r0.txt"), "--to", str(frank.pub),
+                        "--out", str(tmp_path / "frank1"))  # fmt: skip
+            assert f"({n} files wrapped)" in out.stdout
+            out = frank.mount_share(tmp_path / "frank1", alice.state / "owner.pub")
+            assert out.returncode == 0, out.stderr
+            assert sorted(os.listdir(frank.mnt)) == ["ward1", "ward2"]  # r0.txt only once
+            for rel, body in bodies.items():
+                assert (frank.mnt / rel).read_bytes() == body, rel
+            frank.umount()
+        finally:
+            if os.path.ismount(frank.mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(frank.mnt)], check=False)
 
 
 def _scenario(
