@@ -120,19 +120,27 @@ def encrypt(
     header = Header(salt=os.urandom(SALT_SIZE) if salt is None else salt)
     cipher = _SegmentCipher(content_key, header)
     yield header.to_bytes()
-    buffer = bytearray()
+    # Full segments are sealed straight from the chunk; only what straddles chunks is copied
+    # (`held`). A segment is sealed once a byte beyond it exists: only then is it not final.
+    held = bytearray()
     counter = 0
     for chunk in chunks:
-        buffer += chunk
-        # Seal a full segment only once a byte beyond it exists: only then is it not the final one.
-        done = 0
-        with memoryview(buffer) as view:
-            while len(buffer) - done > SEGMENT_SIZE:
-                yield cipher.seal(counter, False, view[done : done + SEGMENT_SIZE])
-                done += SEGMENT_SIZE
+        with memoryview(chunk) as view:
+            pos = 0
+            if held:
+                pos = min(SEGMENT_SIZE - len(held), len(view))
+                held += view[:pos]
+                if len(held) < SEGMENT_SIZE or pos == len(view):
+                    continue
+                yield cipher.seal(counter, False, held)
                 counter += 1
-        del buffer[:done]
-    yield cipher.seal(counter, True, buffer)
+                held = bytearray()
+            while len(view) - pos > SEGMENT_SIZE:
+                yield cipher.seal(counter, False, view[pos : pos + SEGMENT_SIZE])
+                pos += SEGMENT_SIZE
+                counter += 1
+            held += view[pos:]
+    yield cipher.seal(counter, True, held)
 
 
 def encrypt_bytes(content_key: bytes, plaintext: bytes, *, salt: bytes | None = None) -> bytes:

@@ -53,9 +53,12 @@ def test_round_trip_and_size(size):
 @given(st.integers(0, 3 * S + 100), st.integers(1, 2 * S), st.integers(1, 2 * S), st.integers())
 def test_round_trip_with_any_chunking(size, in_chunk, out_chunk, seed):
     data = plaintext(size, seed)
-    pieces = list(fmt.encrypt(KEY, chunked(data, in_chunk)))
+    salt = seed.to_bytes(32, "big", signed=True) if -(2**255) <= seed < 2**255 else bytes(32)
+    pieces = list(fmt.encrypt(KEY, chunked(data, in_chunk), salt=salt))
     obj = b"".join(pieces)
     assert len(obj) == layout.ciphertext_size(size)
+    # One encoding per plaintext and salt, however the plaintext came in.
+    assert obj == fmt.encrypt_bytes(KEY, data, salt=salt)
     # The encryptor yields the header, then one item per segment.
     assert len(pieces) == 1 + layout.segment_count(size)
     assert b"".join(fmt.decrypt(KEY, chunked(obj, out_chunk))) == data
