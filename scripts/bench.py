@@ -862,6 +862,9 @@ def main() -> int:
                 info["kubo"] = node.status().version
                 bench = Bench(node, api, work, sizes)
                 for name in chosen:
+                    # What an earlier section left for the disk to write (GiBs of spools and
+                    # blocks) must not be written back while this one is timed.
+                    os.sync()
                     say(f"{name} ...")
                     t0 = time.perf_counter()
                     got = SECTIONS[name](bench)
