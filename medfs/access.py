@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,16 +135,17 @@ def build_share(
 ) -> sharing.ShareManifest:
     """The share manifest of everything granted to `fingerprint`, at the next sequence."""
     manifest = session.manifest
-    granted: dict[bytes, Inode] = {}  # path -> inode, of the granted items that still exist
+    granted: dict[bytes, int] = {}  # path -> inode, of the granted items still linked
     for ino, fpr, _pub, _t in manifest.grants():
-        top = manifest.get(ino) if fpr == fingerprint else None
-        where = manifest.path_of(ino) if top is not None else None
-        if top is not None and where is not None:
-            granted[where] = top
+        where = manifest.path_of(ino) if fpr == fingerprint else None
+        if where is not None:
+            granted[where] = ino
     entries: dict[str, sharing.SharedEntry] = {}
-    for top_path, top in granted.items():
-        if any(_below(top_path, other) for other in granted):
+    for where, ino in granted.items():
+        if _inside_any(where, granted):
             continue  # in a shared directory: it is in the manifest once, at its place there
+        top = manifest.get(ino)
+        assert top is not None  # it has a path
         base = _name_of(manifest, top)
         if base in entries:
             raise UsageError(
@@ -169,8 +170,13 @@ def build_share(
     )
 
 
-def _below(path: bytes, directory: bytes) -> bool:
-    return path != directory and path.startswith(directory.rstrip(b"/") + b"/")
+def _inside_any(path: bytes, directories: Container[bytes]) -> bool:
+    """Whether a directory above `path` is one of `directories` (a walk up, not a scan)."""
+    while path not in (b"/", b""):
+        path = path.rpartition(b"/")[0] or b"/"
+        if path in directories:
+            return True
+    return False
 
 
 def _entry(manifest: Manifest, path: str, inode: Inode, fpr: str) -> sharing.SharedEntry | None:
