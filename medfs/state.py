@@ -176,18 +176,17 @@ def unlock(layout: Layout, passphrase: str) -> Session:
 
 def _load_owner(layout: Layout, passphrase: str) -> Identity:
     settle(layout)
-    return identity.read_key_file(Path(str(read_config(layout)["key"])), passphrase)
+    return identity.read_key_file(key_path(layout), passphrase)
 
 
 def _open_session(layout: Layout, owner: Identity) -> Session:
-    config = read_config(layout)
     if not layout.manifest.exists():
         raise UsageError(f"the manifest {layout.manifest} is missing")
     manifest = Manifest.open(layout.manifest)
     if manifest.owner != owner.fingerprint:
         manifest.close()
         raise KeyFileError(
-            f"{config['key']} is identity {owner.fingerprint}, but this state directory"
+            f"{key_path(layout)} is identity {owner.fingerprint}, but this state directory"
             f" belongs to {manifest.owner}"
         )
     manifest_id = manifest.get_meta("manifest_id") or b""
