@@ -183,11 +183,11 @@ def _open_session(layout: Layout, owner: Identity) -> Session:
     if not layout.manifest.exists():
         raise UsageError(f"the manifest {layout.manifest} is missing")
     manifest = Manifest.open(layout.manifest)
-    if manifest.owner != owner.fingerprint:
+    if (belongs_to := manifest.owner) != owner.fingerprint:
         manifest.close()
         raise KeyFileError(
             f"{key_path(layout)} is identity {owner.fingerprint}, but this state directory"
-            f" belongs to {manifest.owner}"
+            f" belongs to {belongs_to}"
         )
     manifest_id = manifest.get_meta("manifest_id") or b""
     stanza = recipients.Stanza.from_bytes(manifest.wrapped_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -230,3 +231,20 @@ def test_kubo_answering_with_errors(tmp_path: Path, kubo_api: str, keys: Path) -
     )  # fmt: skip
     assert_clean_error(out, 3, "refused to read bafyNOTAVALIDCID")
     assert not os.path.ismount(tmp_path / "mnt")
+
+
+def test_a_config_naming_another_identitys_key(tmp_path: Path, keys: Path) -> None:
+    state = tmp_path / "s"
+    out = run_medfs("init", "--key", str(keys / "alice.key"), env=env_for(state))
+    assert out.returncode == 0, out.stderr
+    other = tmp_path / "other"
+    out = run_medfs("keygen", "--out", str(other), env={"MEDFS_PASSPHRASE": PASSPHRASE})
+    assert out.returncode == 0, out.stderr
+    config = json.loads((state / "config.json").read_text())
+    config["key"] = str(other.with_suffix(".key"))
+    (state / "config.json").write_text(json.dumps(config))
+    manifest = (state / "manifest.db").read_bytes()
+    out = run_medfs("grants", env=env_for(state))
+    assert_clean_error(out, 5, f"{other.with_suffix('.key')} is identity")
+    assert "but this state directory belongs to" in out.stderr
+    assert (state / "manifest.db").read_bytes() == manifest  # nothing touched
