@@ -61,11 +61,15 @@ def _resolve(manifest: Manifest, path: str) -> Inode:
 def _owner_wrap(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
     wrapped = manifest.wrap(inode.ino, owner.fingerprint)
     if wrapped is None:
-        raise FormatError(
-            f"{_name_of(manifest, inode)}: the manifest holds no key of its version for the owner",
-            hint="run `medfs verify`",
-        )
+        raise _no_owner_wrap(manifest, inode)
     return wrapped
+
+
+def _no_owner_wrap(manifest: Manifest, inode: Inode) -> FormatError:
+    return FormatError(
+        f"{_name_of(manifest, inode)}: the manifest holds no key of its version for the owner",
+        hint="run `medfs verify`",
+    )
 
 
 def _content_key(owner: Identity, manifest: Manifest, inode: Inode) -> bytes:
@@ -100,21 +104,27 @@ def grant(
     now = now_ns or time.time_ns()
     public = to.to_text().encode()
     recipient = to.recipient()
-    files: dict[int, tuple[str, tuple[bytes, bytes, bytes]]] = {}  # a file under two tops once
+    below: dict[int, None] = {}  # the files under every top, in walk order, a file once
     for top in tops:
         # The grant first: a version a running mount commits from now on is wrapped for them.
         manifest.add_grant(top.ino, to.fingerprint, public, now_ns=now)
-        for _rel, inode in _subtree(manifest, top):
-            if inode.kind == Kind.FILE and inode.cid is not None and inode.salt is not None:
-                job = (_owner_wrap(owner, manifest, inode), inode.entry_id, inode.salt)
-                files[inode.ino] = (inode.cid, job)
+        below.update((i.ino, None) for _rel, i in _subtree(manifest, top) if i.kind == Kind.FILE)
+    files: list[tuple[str, tuple[bytes, bytes, bytes]]] = []  # (cid, job), inode by inode
+    inos: list[int] = []
+    for ino, (inode, stanza) in manifest.wrapped_for(owner.fingerprint, list(below)).items():
+        if inode.cid is None or inode.salt is None:
+            continue  # no version uploaded yet: the mount wraps it for every grantee at commit
+        if stanza is None:
+            raise _no_owner_wrap(manifest, inode)
+        files.append((inode.cid, (stanza, inode.entry_id, inode.salt)))
+        inos.append(ino)
     # Unwrapping and wrapping are nearly all of a large share's work, and hold the GIL.
     stanzas = forked.map_split(
-        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files.values()]
+        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files]
     )
     wraps = [
         (ino, cid, to.fingerprint, stanza)
-        for (ino, (cid, _job)), stanza in zip(files.items(), stanzas, strict=True)
+        for ino, (cid, _job), stanza in zip(inos, files, stanzas, strict=True)
     ]
     manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
     return len(wraps)
@@ -152,9 +162,13 @@ def build_share(
                 f"two shared items are both called {base!r}",
                 hint="share their parent directory, or rename one",
             )
-        for rel, inode in _subtree(manifest, top):
+        below = list(_subtree(manifest, top))
+        files = [inode.ino for _rel, inode in below if inode.kind == Kind.FILE]
+        wrapped = manifest.wrapped_for(fingerprint, files)
+        for rel, listed in below:
+            inode, stanza = wrapped.get(listed.ino, (listed, None))  # a file: as now, with its wrap
             path = f"{base}/{rel}" if rel else base
-            entry = _entry(manifest, path, inode, fingerprint)
+            entry = _entry(manifest, path, inode, stanza)
             if entry is not None:
                 entries[path] = entry
     if not entries:
@@ -179,14 +193,16 @@ def _inside_any(path: bytes, directories: Container[bytes]) -> bool:
     return False
 
 
-def _entry(manifest: Manifest, path: str, inode: Inode, fpr: str) -> sharing.SharedEntry | None:
+def _entry(
+    manifest: Manifest, path: str, inode: Inode, stanza: bytes | None
+) -> sharing.SharedEntry | None:
+    """The entry of one item; a file's with the recipient's `stanza` of its current version."""
     if inode.kind == Kind.DIR:
         kind, size, target, cid, salt, stanza = "dir", 0, None, None, None, None
     elif inode.kind == Kind.SYMLINK:
         target = manifest.readlink(inode.ino)
         kind, size, cid, salt, stanza = "symlink", len(target), None, None, None
     else:
-        stanza = manifest.wrap(inode.ino, fpr)
         if inode.cid is None or inode.salt is None or stanza is None:
             return None  # not uploaded yet: the next manifest will carry it
         kind, size, target, cid, salt = "file", inode.size, None, inode.cid, inode.salt

@@ -235,6 +235,12 @@ _INSERT_WRAP_IF_CURRENT = (
     "INSERT OR REPLACE INTO wraps (ino, fingerprint, stanza)"
     " SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM inodes WHERE ino = ? AND cid = ?)"
 )
+# Inodes asked for by number, this many per statement (well under SQLite's variable limit).
+_IN_BATCH = 500
+_WRAPPED_FOR = (
+    f"SELECT {_INODE}, w.stanza FROM inodes i"  # noqa: S608
+    " LEFT JOIN wraps w ON w.ino = i.ino AND w.fingerprint = ? WHERE i.ino IN ({marks})"
+)
 _ORPHANS = (
     f"SELECT {_INODE} FROM inodes i LEFT JOIN dirents d ON d.ino = i.ino"  # noqa: S608
     " WHERE d.id IS NULL AND i.ino != 1 ORDER BY i.ino"
@@ -281,6 +287,13 @@ def _check_name(name: bytes) -> None:
         raise _oserror(errno.ENAMETOOLONG, f"names are at most {NAME_MAX} bytes")
     if not name or name in (b".", b"..") or b"/" in name or b"\x00" in name:
         raise _oserror(errno.EINVAL, "invalid file name")
+
+
+def _check_wrap(fingerprint: object, stanza: object) -> None:
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise TypeError("a wrap's fingerprint must be a non-empty str")
+    if not isinstance(stanza, bytes) or not stanza:
+        raise TypeError("a wrap's stanza must be non-empty bytes")
 
 
 def _check_target(target: bytes) -> None:
@@ -618,12 +631,30 @@ class Manifest:
         return {fingerprint: bytes(stanza) for fingerprint, stanza in rows}
 
     def wrap(self, ino: int, fingerprint: str) -> bytes | None:
-        """`fingerprint`'s stanza for the current version of `ino`, or None: one query, for
-        callers that walk thousands of files (share) and need one recipient's wrap of each."""
+        """`fingerprint`'s stanza for the current version of `ino`, or None."""
         row = self._conn.execute(
             "SELECT stanza FROM wraps WHERE ino = ? AND fingerprint = ?", (ino, fingerprint)
         ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def wrapped_for(
+        self, fingerprint: str, inos: Sequence[int]
+    ) -> dict[int, tuple[Inode, bytes | None]]:
+        """ino -> (inode, `fingerprint`'s stanza or None) for each of `inos` still present.
+
+        For callers that handle thousands of files (share): a query per few hundred, not one
+        per file. Each inode comes from the same statement as its stanza, so the stanza is
+        always the one made for that version, even while a running mount commits newer ones.
+        """
+        out: dict[int, tuple[Inode, bytes | None]] = {}
+        for start in range(0, len(inos), _IN_BATCH):
+            part = inos[start : start + _IN_BATCH]
+            marks = ", ".join("?" * len(part))
+            rows = self._conn.execute(_WRAPPED_FOR.format(marks=marks), (fingerprint, *part))
+            for row in rows:
+                stanza = row[-1]
+                out[row[0]] = (_inode(row[:-1]), None if stanza is None else bytes(stanza))
+        return out
 
     def orphans(self) -> list[Inode]:
         """Inodes (not the root) without a directory entry: unlinked while open, then a crash."""
@@ -1025,11 +1056,11 @@ class Manifest:
         transaction, each only if `cid` is still the file's version: a newer one, committed
         meanwhile by a running mount, was wrapped for current grantees already. Returns how
         many were added."""
-        added = 0
-        with self._write():
-            for ino, cid, fingerprint, stanza in wraps:
-                added += self._insert_wrap(ino, fingerprint, stanza, if_cid=cid)
-        return added
+        for _ino, _cid, fingerprint, stanza in wraps:
+            _check_wrap(fingerprint, stanza)
+        rows = [(ino, fpr, stanza, ino, cid) for ino, cid, fpr, stanza in wraps]
+        with self._write() as db:
+            return db.executemany(_INSERT_WRAP_IF_CURRENT, rows).rowcount
 
     def remove_wrap(self, ino: int, fingerprint: str) -> None:
         """Remove one recipient's wrap. KeyError if absent; ValueError for the last one."""
@@ -1148,10 +1179,7 @@ class Manifest:
     ) -> int:
         """Insert (or replace) a wrap; with `if_cid`, only while that is the file's version.
         Returns 1 if it was written, else 0."""
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise TypeError("a wrap's fingerprint must be a non-empty str")
-        if not isinstance(stanza, bytes) or not stanza:
-            raise TypeError("a wrap's stanza must be non-empty bytes")
+        _check_wrap(fingerprint, stanza)
         if if_cid is None:
             return self._conn.execute(_INSERT_WRAP, (ino, fingerprint, stanza)).rowcount
         args = (ino, fingerprint, stanza, ino, if_cid)

@@ -1024,6 +1024,40 @@ def test_wraps_added_in_one_go_skip_versions_replaced_meanwhile(m):
     assert FRIEND not in m.wraps(b.ino)  # a stanza for b1's key would not open b2
 
 
+def test_a_bad_wrap_among_many_adds_none(m):
+    a = mkfile(m, ROOT_INODE, b"a")
+    commit(m, a.ino, "a1")
+    with pytest.raises(TypeError, match="stanza"):
+        m.add_wraps([(a.ino, "a1", FRIEND, b"for-a1"), (a.ino, "a1", FRIEND, "text")])
+    assert FRIEND not in m.wraps(a.ino)
+
+
+def test_wrapped_for_gives_each_inode_with_its_wrap_in_batches(m):
+    files = [mkfile(m, ROOT_INODE, b"f%d" % i) for i in range(1201)]  # over two batches
+    for f in files[:-1]:
+        commit(m, f.ino, f"c{f.ino}")
+    # The last file has no version, so no wrap is added to it.
+    added = m.add_wraps([(f.ino, f"c{f.ino}", FRIEND, b"friend-%d" % f.ino) for f in files[::2]])
+    assert added == 600
+    found = m.wrapped_for(FRIEND, [f.ino for f in files] + [99999])
+    assert sorted(found) == sorted(f.ino for f in files)  # the unknown inode left out
+    for i, f in enumerate(files):
+        inode, stanza = found[f.ino]
+        assert inode.ino == f.ino and inode.cid == (None if f is files[-1] else f"c{f.ino}")
+        assert stanza == (b"friend-%d" % f.ino if i % 2 == 0 and i < 1200 else None)
+    owner = m.wrapped_for(OWNER, [files[0].ino, files[-1].ino])
+    assert owner[files[0].ino][1] == b"stanza-c%d" % files[0].ino
+    assert owner[files[-1].ino][1] is None  # no version yet
+
+
+def test_wrapped_for_reads_the_stanza_with_the_version_it_opens(m):
+    f = mkfile(m, ROOT_INODE, b"f")
+    commit(m, f.ino, "v1")
+    commit(m, f.ino, "v2", salt=b"t" * 32)  # as a running mount would, mid-share
+    inode, stanza = m.wrapped_for(OWNER, [f.ino])[f.ino]
+    assert (inode.cid, inode.salt, stanza) == ("v2", b"t" * 32, b"stanza-v2")
+
+
 def test_a_version_committed_again_moves_to_its_new_group(m):
     """A crash after a group's commit but before its staging copies went: the next mount
     uploads the same bytes again, in another group, and commits them once more."""

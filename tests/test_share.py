@@ -16,6 +16,7 @@ from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
 from tests.mounting import PASSPHRASE, Mounted, mounted
+from tests.test_ipfs import free_port
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -108,6 +109,13 @@ def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
                     bodies[f"{d}/r{i}.txt"] = f"{d} record {i} ".encode() * (i + 1)
                     (alice.mnt / d / f"r{i}.txt").write_bytes(bodies[f"{d}/r{i}.txt"])
             subprocess.run(["sync", str(alice.mnt)], check=True)  # every version committed
+            # A node that cannot be reached stops the share before anything is granted.
+            down = alice.medfs("share", str(alice.mnt / "ward1"), "--to", str(frank.pub),
+                               "--api", f"/ip4/127.0.0.1/tcp/{free_port()}")  # fmt: skip
+            assert down.returncode == 3, down.stderr
+            assert down.stderr.startswith("medfs: error: cannot reach the IPFS API at ")
+            listed = alice.medfs("grants", "--json")
+            assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
             out = share(alice, str(alice.mnt / "ward1"), str(alice.mnt / "ward2"),
                         str(alice.mnt / "ward1/r0.txt"), "--to", str(frank.pub),
                         "--out", str(tmp_path / "frank1"))  # fmt: skip

@@ -14,7 +14,7 @@ from medfs.errors import UsageError
 from medfs.paths import state_dir
 
 if TYPE_CHECKING:
-    from medfs import access, audit
+    from medfs import access, audit, sharing
     from medfs.ipfs import IPFS
 
 # The modules that do the work (and the HTTP stack below them) are imported only once the
@@ -50,7 +50,8 @@ def _outputs(parser: argparse.ArgumentParser, *, directory: bool = False) -> Non
     parser.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
 
 
-def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
+def _unlocking(args: argparse.Namespace) -> tuple[state.Layout, state.Unlocking]:
+    """The state directory, and its key unlocking in a thread (see `state.Unlocking`)."""
     layout = state.Layout(state_dir(args.state))
     state.read_config(layout)
     passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
@@ -58,6 +59,11 @@ def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
     # Loaded while scrypt runs in its thread: ~0.3 s of a share's 2 s, for nothing.
     for module in ("medfs.access", "medfs.audit", "medfs.kubo", "medfs.sharing"):
         importlib.import_module(module)
+    return layout, unlocking
+
+
+def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
+    layout, unlocking = _unlocking(args)
     return layout, unlocking.wait()
 
 
@@ -81,10 +87,12 @@ def _deliver(
     ipfs: IPFS,
     out: Path | None,
     publish: bool,
+    providers: tuple[sharing.Provider, ...] | None = None,
 ) -> int:
     from medfs import access, sharing
 
-    providers = access.providers_of(ipfs)
+    if providers is None:
+        providers = access.providers_of(ipfs)
     recipient = None
     for pub_text in {p for _path, p in access.grants_of(session).get(fingerprint, [])}:
         recipient = identity.PublicIdentity.from_text(pub_text)
@@ -109,19 +117,23 @@ def _deliver(
 
 def run_share(args: argparse.Namespace) -> int:
     to = identity.read_public_file(args.to)
-    layout, session = _session(args)
+    layout, unlocking = _unlocking(args)
     from medfs import access
     from medfs.ipfs import IPFS
     from medfs.kubo import resolve_api
 
+    # Asked while scrypt runs; and a node that cannot be reached stops the share before
+    # anything is granted.
+    ipfs = IPFS(resolve_api(layout.root, args.api))
+    providers = access.providers_of(ipfs)
+    session = unlocking.wait()
     try:
         where = _mountpoint(layout)
         paths = [access.manifest_path(p, where) for p in args.paths]
         wrapped = access.grant(session, paths, to)
         print(f"granted {to.fingerprint} {', '.join(paths)} ({wrapped} files wrapped)")
-        ipfs = IPFS(resolve_api(layout.root, args.api))
         out = Path(args.out) if args.out else None
-        sequence = _deliver(session, to.fingerprint, ipfs, out, args.publish)
+        sequence = _deliver(session, to.fingerprint, ipfs, out, args.publish, providers)
         with journal(layout, session) as log:
             log.append("share", recipient=to.fingerprint, paths=paths, sequence=sequence)
     finally:
