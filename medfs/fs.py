@@ -797,10 +797,6 @@ class Filesystem(pyfuse3.Operations):
         self._writable()
         node = self._inode(inode)
         now = time.time_ns()
-        if fields.update_uid and attr.st_uid != node.uid:
-            raise _fail(errno.EPERM)
-        if fields.update_gid and attr.st_gid != node.gid:
-            raise _fail(errno.EPERM)
         if fields.update_size:
             if node.kind == "dir":
                 raise _fail(errno.EISDIR)
@@ -813,6 +809,12 @@ class Filesystem(pyfuse3.Operations):
                 if fh is None:  # truncate(2) by path: no close will follow to commit it
                     await self._commit(inode)
         changes: dict[str, Any] = {"ctime_ns": now}
+        # Who may chown was decided by the kernel (default_permissions: only root gives files
+        # away); refusing root too would fail every `tar x`, `rsync -a` and `cp -a` run as root.
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
         if fields.update_mode:
             changes["mode"] = attr.st_mode & 0o7777
         if fields.update_atime:

@@ -92,13 +92,33 @@ def test_cp_a_keeps_modes_times_and_links(mnt: Mounted, tmp_path: Path) -> None:
     assert tree_digest(src) == tree_digest(mnt.mnt / "cpa")
 
 
+# Run as root, rsync -a, tar x and cp -a keep the files' owners, as from another machine.
+OTHER_OWNER = (1000, 1000)
+
+
+def owned_by_someone_else(tree: Path) -> tuple[int, int]:
+    """Give `tree` to another user if we may (root), and return its owner."""
+    if os.geteuid() == 0:
+        for path in [tree, *tree.rglob("*")]:
+            os.lchown(path, *OTHER_OWNER)
+    st = tree.stat()
+    return st.st_uid, st.st_gid
+
+
+def owners(tree: Path) -> set[tuple[int, int]]:
+    stats = [path.lstat() for path in [tree, *tree.rglob("*")]]
+    return {(st.st_uid, st.st_gid) for st in stats}
+
+
 def test_rsync_there_and_back(mnt: Mounted, tmp_path: Path) -> None:
     if shutil.which("rsync") is None:
         pytest.skip("rsync is not installed")
     src = tmp_path / "src"
     src.mkdir()
     make_tree(src)
+    owner = owned_by_someone_else(src)
     subprocess.run(["rsync", "-a", f"{src}/", str(mnt.mnt / "rs")], check=True)
+    assert owners(mnt.mnt / "rs") == {owner}
     back = tmp_path / "back"
     subprocess.run(["rsync", "-a", f"{mnt.mnt / 'rs'}/", str(back)], check=True)
     assert subprocess.run(["diff", "-r", str(src), str(back)]).returncode == 0
@@ -109,6 +129,7 @@ def test_tar_extract_into_mount(mnt: Mounted, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     make_tree(src)
+    owner = owned_by_someone_else(src)
     archive = tmp_path / "t.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(src, arcname="t")
@@ -116,6 +137,9 @@ def test_tar_extract_into_mount(mnt: Mounted, tmp_path: Path) -> None:
     dest.mkdir()
     subprocess.run(["tar", "-xf", str(archive), "-C", str(dest)], check=True)
     assert tree_digest(src) == tree_digest(dest / "t")
+    assert owners(dest / "t") == {owner}
+    subprocess.run(["cp", "-a", str(src), str(mnt.mnt / "cp-a")], check=True)
+    assert owners(mnt.mnt / "cp-a") == {owner}
 
 
 def test_append_overwrite_truncate_sparse(mnt: Mounted) -> None:
@@ -260,10 +284,30 @@ def test_permissions_and_errnos(mnt: Mounted) -> None:
     os.chmod(f, 0o640)
     assert f.stat().st_mode & 0o777 == 0o640
     os.chown(f, os.getuid(), os.getgid())  # to the owner it already has: fine
-    with pytest.raises(PermissionError):
-        os.chown(f, os.getuid() + 1, -1)
+    if os.geteuid() == 0:  # root gives files away, as `tar x`, `rsync -a` and `cp -a` do
+        os.chown(f, 1234, 5678)
+        assert (f.stat().st_uid, f.stat().st_gid) == (1234, 5678)
+        os.chown(f, -1, 0)
+        assert (f.stat().st_uid, f.stat().st_gid) == (1234, 0)
+        os.chown(f, os.getuid(), os.getgid())
+    else:  # anyone else may not (the kernel refuses it before medfs sees it)
+        with pytest.raises(PermissionError):
+            os.chown(f, os.getuid() + 1, -1)
     with pytest.raises(PermissionError):
         os.link(f, root / "hard")
+    with pytest.raises(PermissionError):
+        os.mkfifo(root / "fifo")
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(1 << 20)) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        os.setxattr(f, "user.note", b"x")
+    assert info.value.errno == errno.ENOTSUP
+    assert json.loads(os.getxattr(f, "user.medfs.info"))["size"] == 1
     with pytest.raises(FileExistsError):
         root.mkdir()
     with pytest.raises(OSError) as info:
