@@ -42,15 +42,6 @@ class RollbackError(MedfsError):
 # -- issuer side ---------------------------------------------------------------------------------
 
 
-def manifest_path(path: str, mountpoint: str | None) -> str:
-    """A user's PATH as a path in the manifest: inside the running mount, or as given."""
-    if mountpoint:
-        absolute = str(Path(path).absolute())
-        if absolute == mountpoint or absolute.startswith(mountpoint.rstrip("/") + "/"):
-            return "/" + absolute[len(mountpoint) :].strip("/")
-    return path
-
-
 def _resolve(manifest: Manifest, path: str) -> Inode:
     inode = manifest.resolve(path)
     if inode is None:
@@ -94,9 +85,16 @@ def _subtree(manifest: Manifest, top: Inode) -> Iterator[tuple[str, Inode]]:
 
 
 def grant(
-    session: state.Session, paths: list[str], to: PublicIdentity, *, now_ns: int | None = None
+    session: state.Session,
+    paths: list[str],
+    to: PublicIdentity,
+    *,
+    now_ns: int | None = None,
+    workers: int | None = None,
 ) -> int:
-    """Grant `to` every path; wrap the current versions for them. Returns files wrapped."""
+    """Grant `to` every path; wrap the current versions for them. Returns files wrapped.
+
+    `workers=1` keeps the wrapping in this process (the mount daemon, which must not fork)."""
     manifest, owner = session.manifest, session.owner
     if to.fingerprint == owner.fingerprint:
         raise UsageError("that is the owner's own identity: it can read everything already")
@@ -120,7 +118,7 @@ def grant(
         inos.append(ino)
     # Unwrapping and wrapping are nearly all of a large share's work, and hold the GIL.
     stanzas = forked.map_split(
-        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files]
+        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files], workers=workers
     )
     wraps = [
         (ino, cid, to.fingerprint, stanza)
@@ -128,6 +126,29 @@ def grant(
     ]
     manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
     return len(wraps)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What `share` did: files wrapped, and the new share manifest, sealed for the recipient."""
+
+    wrapped: int
+    manifest: sharing.ShareManifest
+    sealed: bytes
+
+
+def share(
+    session: state.Session,
+    paths: list[str],
+    to: PublicIdentity,
+    providers: tuple[sharing.Provider, ...],
+    *,
+    workers: int | None = None,
+) -> Shared:
+    """Grant `to` every path and make the share manifest of everything granted to them."""
+    wrapped = grant(session, paths, to, workers=workers)
+    manifest = build_share(session, to.fingerprint, providers)
+    return Shared(wrapped, manifest, sharing.seal(manifest, session.owner, to))
 
 
 def _name_of(manifest: Manifest, inode: Inode) -> str:

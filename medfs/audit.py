@@ -109,6 +109,7 @@ EVENTS = frozenset(
         "delete",
         "rename",
         "share",
+        "share-refused",
         "revoke",
         "manifest-accepted",
         "manifest-refused",

@@ -499,6 +499,11 @@ class Filesystem(pyfuse3.Operations):
             if self._round_error is not None:
                 return
 
+    async def settle(self) -> None:
+        """Return once every version closed so far is committed (or staged, if the node is
+        down): what `sync` on the mount waits for, before a share reads the manifest."""
+        await self._wait_committed(None)
+
     async def _node_trouble(self, err: IPFSError) -> None:
         now = time.monotonic()
         if now - self._last_trouble > 60:

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,11 +28,12 @@ from typing import BinaryIO
 import pyfuse3
 import trio
 
-from medfs import audit, backup, state
+from medfs import access, audit, backup, control, state
 from medfs.audit import AuditLog
 from medfs.content import PendingStore, Reader, SegmentCache, Staging, pending_key
-from medfs.errors import MedfsError, UsageError
+from medfs.errors import MedfsError, PassphraseError, UsageError
 from medfs.fs import Filesystem, Pending
+from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode, pid_alive
 
@@ -141,12 +143,22 @@ def serve(
         # -- manifest backups (issue #7): a bad $MEDFS_BACKUP_MINUTES fails before mounting --
         interval = None if options.read_only else backup.interval_seconds()
         periodic = _periodic_backups(session, layout, ipfs, interval)
+        agent = None
+        if not options.read_only:
+            sharer = functools.partial(_share, layout, owner, ipfs, journal)
+            try:
+                listener = _listen(layout, stack)
+            except OSError as err:
+                log.warning("no control socket (%s): medfs share will unlock the key itself", err)
+            else:
+                verifier = control.Passphrase(passphrase)
+                agent = _Agent(listener, verifier, sharer, journal)
         pyfuse3.init(fs, str(options.mountpoint), fuse_options)
         log.info("mounted %s (api %s)", options.mountpoint, options.api)
         journal.append("mount", mountpoint=str(options.mountpoint), read_only=options.read_only)
         try:
             ready()
-            pending = trio.run(_main, fs, periodic)
+            pending = trio.run(_main, fs, periodic, agent)
         except BaseException:
             pyfuse3.close(unmount=False)
             raise
@@ -232,14 +244,152 @@ def _periodic_backups(
 # -- end of manifest backups ---------------------------------------------------------------------
 
 
+# -- shares done for `medfs share` (medfs/control.py) --------------------------------------------
+
+# A request must have arrived whole within this long (the share itself may take longer).
+REQUEST_TIMEOUT = 10.0
+
+
+def _listen(layout: state.Layout, stack: contextlib.ExitStack) -> socket.socket:
+    """The state directory's control socket, listening, owner-only; removed at exit."""
+    path = layout.root / control.SOCKET_NAME
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a daemon that died: this one holds the mount lock now
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stack.callback(sock.close)
+    with control.socket_address(layout.root) as address:
+        sock.bind(address)
+    stack.callback(path.unlink, missing_ok=True)
+    path.chmod(0o600)
+    sock.listen(8)
+    return sock
+
+
+def _share(
+    layout: state.Layout,
+    owner: Identity,
+    ipfs: IPFS,
+    journal: AuditLog,
+    request: control.ShareRequest,
+) -> control.ShareAnswer:
+    """The share a command asked for, in a worker thread on a manifest connection of its own
+    (SQLite connections belong to their thread); never forked (medfs.forked), since a fork of
+    this threaded daemon could inherit a lock held by another thread."""
+    to = PublicIdentity.from_text(request.to)
+    session = state.open_session(layout, owner)
+    try:
+        providers = access.providers_of(ipfs)
+        shared = access.share(session, request.paths, to, providers, workers=1)
+    finally:
+        session.manifest.close()
+    sequence = shared.manifest.sequence
+    journal.append("share", recipient=to.fingerprint, paths=request.paths, sequence=sequence)
+    entries = len(shared.manifest.entries)
+    return control.ShareAnswer(shared.wrapped, sequence, entries, shared.sealed)
+
+
+@dataclass
+class _Agent:
+    listener: socket.socket
+    passphrase: control.Passphrase
+    share: Callable[[control.ShareRequest], control.ShareAnswer]
+    journal: AuditLog
+
+    async def serve(self, fs: Filesystem) -> None:
+        listener = trio.socket.from_stdlib_socket(self.listener)
+        guesses = trio.Lock()  # one passphrase check at a time, each wrong one slowed down
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    conn, _ = await listener.accept()
+                except OSError as err:  # out of descriptors, say: never a reason to unmount
+                    log.warning("the control socket cannot accept: %s", err)
+                    await trio.sleep(1)
+                    continue
+                nursery.start_soon(self._answer, conn, fs, guesses)
+
+    async def _answer(
+        self, conn: trio.socket.SocketType, fs: Filesystem, guesses: trio.Lock
+    ) -> None:
+        with conn:
+            try:
+                reply = await self._reply(conn, fs, guesses)
+            except trio.TooSlowError:
+                return  # a request that never came whole: nothing to answer
+            with contextlib.suppress(OSError):
+                data = memoryview(control.frame(reply))
+                while data:
+                    data = data[await conn.send(data) :]
+
+    async def _reply(
+        self, conn: trio.socket.SocketType, fs: Filesystem, guesses: trio.Lock
+    ) -> dict[str, object]:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await _read_request(conn)
+        except MedfsError as err:
+            return control.refusal(err)
+        except (OSError, EOFError) as err:
+            log.warning("a control connection failed: %s", err)
+            return control.refusal(MountError(f"the request could not be read: {err}"))
+        try:
+            async with guesses:
+                if not self.passphrase.matches(request.passphrase):
+                    refused = functools.partial(
+                        self.journal.append, "share-refused", paths=request.paths,
+                        reason="wrong passphrase",
+                    )  # fmt: skip
+                    await trio.to_thread.run_sync(refused)
+                    await trio.sleep(control.FAILED_DELAY)
+                    raise PassphraseError(
+                        "wrong passphrase",
+                        hint="the passphrase comes from --passphrase-file, $MEDFS_PASSPHRASE, "
+                        "or the prompt",
+                    )
+            await fs.settle()  # what was closed before the command ran is in the share
+            result = await trio.to_thread.run_sync(self.share, request)
+        except MedfsError as err:
+            return control.refusal(err)
+        except Exception:
+            log.exception("a share asked for by a command failed")
+            return control.refusal(MountError("the mount could not do the share: see mount.log"))
+        log.info("shared %s for a command: %d files wrapped", request.paths, result.wrapped)
+        return control.answer(result)
+
+
+async def _read_request(conn: trio.socket.SocketType) -> control.ShareRequest:
+    if control.peer_uid(conn) != os.getuid():  # type: ignore[arg-type]
+        raise control.BadRequest("only the mount's owner may ask it to share")
+    prefix = await _recv_exact(conn, control.FRAME.size)
+    body = await _recv_exact(conn, control.frame_length(prefix, control.MAX_REQUEST))
+    return control.share_request(control.parse(body))
+
+
+async def _recv_exact(conn: trio.socket.SocketType, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        got = await conn.recv(n - len(data))
+        if not got:
+            raise EOFError("the connection closed early")
+        data += got
+    return bytes(data)
+
+
+# -- serving -------------------------------------------------------------------------------------
+
+
 async def _main(
-    fs: Filesystem, periodic: Callable[[], Awaitable[None]] | None = None
+    fs: Filesystem,
+    periodic: Callable[[], Awaitable[None]] | None = None,
+    agent: _Agent | None = None,
 ) -> list[Pending]:
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
         nursery.start_soon(_terminate_on_signals)
         if periodic is not None:
             nursery.start_soon(periodic)
+        if agent is not None:
+            nursery.start_soon(agent.serve, fs)
         await pyfuse3.main()
         pending = await fs.shutdown()
         nursery.cancel_scope.cancel()

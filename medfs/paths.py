@@ -26,6 +26,15 @@ def state_dir(given: str | os.PathLike[str] | None = None) -> Path:
     return _xdg("XDG_DATA_HOME", ".local/share") / "medfs"
 
 
+def manifest_path(path: str, mountpoint: str | None) -> str:
+    """A user's PATH as a path in the manifest: inside the running mount, or as given."""
+    if mountpoint:
+        absolute = str(Path(path).absolute())
+        if absolute == mountpoint or absolute.startswith(mountpoint.rstrip("/") + "/"):
+            return "/" + absolute[len(mountpoint) :].strip("/")
+    return path
+
+
 def installed_kubo_binary() -> Path:
     """Where `scripts/setup` puts the Kubo it builds: a cache, since it can always be rebuilt."""
     root = os.environ.get("MEDFS_TOOLS_DIR")

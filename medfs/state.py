@@ -171,7 +171,7 @@ def settle(layout: Layout, timeout: float = SETTLE_TIMEOUT) -> None:
 def unlock(layout: Layout, passphrase: str) -> Session:
     """Load the owner's identity and open the manifest with its names readable (after a
     running mount has committed what it holds)."""
-    return _open_session(layout, _load_owner(layout, passphrase))
+    return open_session(layout, _load_owner(layout, passphrase))
 
 
 def _load_owner(layout: Layout, passphrase: str) -> Identity:
@@ -179,7 +179,8 @@ def _load_owner(layout: Layout, passphrase: str) -> Identity:
     return identity.read_key_file(key_path(layout), passphrase)
 
 
-def _open_session(layout: Layout, owner: Identity) -> Session:
+def open_session(layout: Layout, owner: Identity) -> Session:
+    """The owner's session on the manifest, for a key unlocked already (a new connection)."""
     if not layout.manifest.exists():
         raise UsageError(f"the manifest {layout.manifest} is missing")
     manifest = Manifest.open(layout.manifest)
@@ -222,7 +223,7 @@ class Unlocking:
         if self._error is not None:
             raise self._error
         assert self._owner is not None
-        return _open_session(self._layout, self._owner)
+        return open_session(self._layout, self._owner)
 
 
 class MountLock:

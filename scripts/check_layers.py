@@ -15,14 +15,15 @@ from pathlib import Path
 
 LAYERS: list[set[str]] = [
     {"errors", "paths", "durable", "forked"},
-    {"layout", "ipfs", "manifest"},
+    {"layout", "ipfs", "manifest", "control"},
     {"format", "kubo"},
     {"recipients", "content"},
     {"identity"},
     {"audit", "envelope"},
     {"state", "fs", "sharing"},
     {"backup"},
-    {"mount", "access", "verify", "package"},
+    {"access", "verify", "package"},
+    {"mount"},
     {"cli"},
 ]
 FENCED = {"ipfshttpclient": {"ipfs"}, "pyfuse3": {"fs", "mount"}}

@@ -24,7 +24,7 @@ EXPECTED = {
     "random": 3,
     "tree": 3,
     "rss": 2,
-    "share": 1,
+    "share": 2,
     "revoke": 1,
     "gocryptfs": 2,
     "ceilings": 7,

@@ -95,8 +95,9 @@ def test_share_mount_update_rollback_revoke(tmp_path: Path, nodes: tuple[str, st
 def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
     tmp_path: Path, nodes: tuple[str, str]
 ) -> None:
-    """Enough files for the wrapping to be split across processes (medfs.forked), under two
-    shared directories and one file shared twice: every file opens with the recipient's key."""
+    """Enough files for the wrapping to be split across processes (medfs.forked: the command
+    shares by itself, with no mount running), under two shared directories and one file shared
+    twice: every file opens with the recipient's key."""
     api_a, api_b = nodes
     frank = Person(tmp_path, "frank", api_b, "--classic")
     n = 2 * forked.MIN_PER_PROCESS + 10
@@ -108,16 +109,15 @@ def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
                 for i in range(n // 2):
                     bodies[f"{d}/r{i}.txt"] = f"{d} record {i} ".encode() * (i + 1)
                     (alice.mnt / d / f"r{i}.txt").write_bytes(bodies[f"{d}/r{i}.txt"])
-            subprocess.run(["sync", str(alice.mnt)], check=True)  # every version committed
+            alice.umount()  # every version committed; the command alone does the share
             # A node that cannot be reached stops the share before anything is granted.
-            down = alice.medfs("share", str(alice.mnt / "ward1"), "--to", str(frank.pub),
+            down = alice.medfs("share", "/ward1", "--to", str(frank.pub),
                                "--api", f"/ip4/127.0.0.1/tcp/{free_port()}")  # fmt: skip
             assert down.returncode == 3, down.stderr
             assert down.stderr.startswith("medfs: error: cannot reach the IPFS API at ")
             listed = alice.medfs("grants", "--json")
             assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
-            out = share(alice, str(alice.mnt / "ward1"), str(alice.mnt / "ward2"),
-                        str(alice.mnt / "ward1/r0.txt"), "--to", str(frank.pub),
+            out = share(alice, "/ward1", "/ward2", "/ward1/r0.txt", "--to", str(frank.pub),
                         "--out", str(tmp_path / "frank1"))  # fmt: skip
             assert f"({n} files wrapped)" in out.stdout
             out = frank.mount_share(tmp_path / "frank1", alice.state / "owner.pub")
@@ -129,6 +129,49 @@ def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
         finally:
             if os.path.ismount(frank.mnt):
                 subprocess.run(["fusermount3", "-u", "-z", str(frank.mnt)], check=False)
+
+
+def test_the_running_mount_does_the_share_and_still_wants_the_passphrase(
+    tmp_path: Path, nodes: tuple[str, str]
+) -> None:
+    """While the owner's mount runs, `medfs share` has the mount do it (medfs/control.py): it
+    works with the key file out of reach, refuses a wrong passphrase (and audits that), and
+    includes a file closed just before, committed or not."""
+    api_a, api_b = nodes
+    gina = Person(tmp_path, "gina", api_b)
+    with mounted(tmp_path / "alice", api_a) as alice:
+        try:
+            (alice.mnt / "ward").mkdir()
+            (alice.mnt / "ward" / "a.txt").write_bytes(b"record a")
+            assert (alice.state / "control.sock").exists()
+            key = alice.state / "owner.key"
+            away = key.with_name("owner.key.away")
+            key.rename(away)  # only the mount can use the key now
+            try:
+                wrong = run_medfs("share", str(alice.mnt / "ward"), "--to", str(gina.pub),
+                                  "--api", alice.api,
+                                  env={**alice.env, "MEDFS_PASSPHRASE": "not it"})  # fmt: skip
+                assert wrong.returncode == 6, wrong.stderr
+                assert wrong.stderr.startswith("medfs: error: wrong passphrase")
+                out = share(alice, str(alice.mnt / "ward"), "--to", str(gina.pub),
+                            "--out", str(tmp_path / "gina1"))  # fmt: skip
+                assert "(1 files wrapped)" in out.stdout
+            finally:
+                away.rename(key)
+            shown = alice.medfs("audit", "show")
+            assert shown.returncode == 0, shown.stderr
+            events = [line.split()[3] for line in shown.stdout.splitlines() if "#" in line]
+            assert events[-2:] == ["share-refused", "share"], events
+            listed = alice.medfs("grants", "--json")
+            assert [g["path"] for g in json.loads(listed.stdout)] == ["/ward"]
+            out = gina.mount_share(tmp_path / "gina1", alice.state / "owner.pub")
+            assert out.returncode == 0, out.stderr
+            assert (gina.mnt / "ward" / "a.txt").read_bytes() == b"record a"
+            gina.umount()
+        finally:
+            if os.path.ismount(gina.mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(gina.mnt)], check=False)
+    assert not (alice.state / "control.sock").exists()  # removed at umount
 
 
 def _scenario(

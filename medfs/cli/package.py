@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medfs import access, identity, package, state
+from medfs import identity, package, state
 from medfs.cli.share import journal
 from medfs.errors import KeyFileError, UsageError
 from medfs.ipfs import IPFS
 from medfs.kubo import resolve_api
-from medfs.paths import state_dir
+from medfs.paths import manifest_path, state_dir
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -121,7 +121,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{out.parent} is not a directory")
     layout, session, mountpoint = _session(args)
     try:
-        path = access.manifest_path(args.path, mountpoint)
+        path = manifest_path(args.path, mountpoint)
         size = package.file_inode(session, path).size
         package.check_size(size, path)  # before a byte is read
         print(f"medfs: warning: {package.WARNING}", file=sys.stderr)
@@ -155,7 +155,7 @@ def run_import(args: argparse.Namespace) -> int:
     key = package.load_private_pem(identity.load_key_text(args.key).encode("ascii"), args.key)
     layout, session, mountpoint = _session(args)
     try:
-        as_path = access.manifest_path(args.as_path, mountpoint)
+        as_path = manifest_path(args.as_path, mountpoint)
         ipfs = IPFS(resolve_api(layout.root, args.api), timeout=args.timeout)
         done = package.import_package(session, data, key, as_path, ipfs, prefer_id=args.id,
                                       mode=_default_mode())  # fmt: skip

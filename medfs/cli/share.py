@@ -9,16 +9,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medfs import identity, state
+from medfs import control, identity, state
 from medfs.errors import UsageError
-from medfs.paths import state_dir
+from medfs.paths import manifest_path, state_dir
 
 if TYPE_CHECKING:
     from medfs import access, audit, sharing
     from medfs.ipfs import IPFS
 
 # The modules that do the work (and the HTTP stack below them) are imported only once the
-# key has started unlocking: see _session.
+# key has started unlocking (see _unlocking), or not at all when the mount does the share.
+
+# A share of many thousands of files takes the mount a while; a mount that hangs, no longer.
+SHARE_TIMEOUT = 600.0
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -50,21 +53,20 @@ def _outputs(parser: argparse.ArgumentParser, *, directory: bool = False) -> Non
     parser.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
 
 
-def _unlocking(args: argparse.Namespace) -> tuple[state.Layout, state.Unlocking]:
-    """The state directory, and its key unlocking in a thread (see `state.Unlocking`)."""
-    layout = state.Layout(state_dir(args.state))
-    state.read_config(layout)
-    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+def _unlocking(layout: state.Layout, passphrase: str) -> state.Unlocking:
+    """The key unlocking in a thread (see `state.Unlocking`)."""
     unlocking = state.Unlocking(layout, passphrase)
     # Loaded while scrypt runs in its thread: ~0.3 s of a share's 2 s, for nothing.
     for module in ("medfs.access", "medfs.audit", "medfs.kubo", "medfs.sharing"):
         importlib.import_module(module)
-    return layout, unlocking
+    return unlocking
 
 
 def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
-    layout, unlocking = _unlocking(args)
-    return layout, unlocking.wait()
+    layout = state.Layout(state_dir(args.state))
+    state.read_config(layout)
+    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    return layout, _unlocking(layout, passphrase).wait()
 
 
 def journal(layout: state.Layout, session: state.Session) -> audit.AuditLog:
@@ -81,18 +83,34 @@ def _mountpoint(layout: state.Layout) -> str | None:
     return str(holder["mountpoint"]) if holder and holder.get("mountpoint") else None
 
 
+def _write_manifest(out: Path | None, fingerprint: str, sequence: int, sealed: bytes) -> Path:
+    """The sealed share manifest, at OUT (a file, or a directory to name it in) or here."""
+    name = f"share-{fingerprint[:16]}-{sequence}.medfs-share"
+    path = out if out is not None and not out.is_dir() else (out or Path.cwd()) / name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(sealed)
+    tmp.replace(path)
+    return path
+
+
+def _publish(ipfs: IPFS, sealed: bytes, providers: tuple[sharing.Provider, ...]) -> None:
+    cid = ipfs.add(sealed)
+    peer = providers[0].addresses[0] if providers and providers[0].addresses else ""
+    print(f"published as {cid}")
+    print(f"recipient: medfs mount MOUNTPOINT --manifest {cid} --peer {peer} --from ISSUER.pub")
+
+
 def _deliver(
     session: state.Session,
     fingerprint: str,
     ipfs: IPFS,
     out: Path | None,
     publish: bool,
-    providers: tuple[sharing.Provider, ...] | None = None,
 ) -> int:
+    """A fresh share manifest for one recipient of the grants, written (and published)."""
     from medfs import access, sharing
 
-    if providers is None:
-        providers = access.providers_of(ipfs)
+    providers = access.providers_of(ipfs)
     recipient = None
     for pub_text in {p for _path, p in access.grants_of(session).get(fingerprint, [])}:
         recipient = identity.PublicIdentity.from_text(pub_text)
@@ -100,45 +118,67 @@ def _deliver(
         raise UsageError(f"nothing is shared with {fingerprint}")
     manifest = access.build_share(session, fingerprint, providers)
     sealed = sharing.seal(manifest, session.owner, recipient)
-    name = f"share-{fingerprint[:16]}-{manifest.sequence}.medfs-share"
-    path = out if out is not None and not out.is_dir() else (out or Path.cwd()) / name
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(sealed)
-    tmp.replace(path)
+    path = _write_manifest(out, fingerprint, manifest.sequence, sealed)
     count = len(manifest.entries)
     print(f"share manifest #{manifest.sequence} for {fingerprint}: {count} entries -> {path}")
     if publish:
-        cid = ipfs.add(sealed)
-        peer = providers[0].addresses[0] if providers and providers[0].addresses else ""
-        print(f"published as {cid}")
-        print(f"recipient: medfs mount MOUNTPOINT --manifest {cid} --peer {peer} --from ISSUER.pub")
+        _publish(ipfs, sealed, providers)
     return manifest.sequence
 
 
 def run_share(args: argparse.Namespace) -> int:
     to = identity.read_public_file(args.to)
-    layout, unlocking = _unlocking(args)
+    layout = state.Layout(state_dir(args.state))
+    state.read_config(layout)
+    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    where = _mountpoint(layout)
+    paths = [manifest_path(p, where) for p in args.paths]
+    done = None
+    if where is not None:  # the mount has the key unlocked: no scrypt here (medfs/control.py)
+        request = control.ShareRequest(passphrase, paths, to.to_text())
+        done = control.ask_share(layout.root, request, timeout=SHARE_TIMEOUT)
+    if done is None:
+        done = _share_here(args, layout, passphrase, paths, to)
+    print(f"granted {to.fingerprint} {', '.join(paths)} ({done.wrapped} files wrapped)")
+    path = _write_manifest(Path(args.out) if args.out else None, to.fingerprint, done.sequence,
+                           done.sealed)  # fmt: skip
+    print(f"share manifest #{done.sequence} for {to.fingerprint}: {done.entries} entries -> {path}")
+    if args.publish:
+        from medfs import access
+        from medfs.ipfs import IPFS
+        from medfs.kubo import resolve_api
+
+        ipfs = IPFS(resolve_api(layout.root, args.api))
+        _publish(ipfs, done.sealed, access.providers_of(ipfs))
+    return 0
+
+
+def _share_here(
+    args: argparse.Namespace,
+    layout: state.Layout,
+    passphrase: str,
+    paths: list[str],
+    to: identity.PublicIdentity,
+) -> control.ShareAnswer:
+    """The share done by this command, with the key unlocked here."""
+    unlocking = _unlocking(layout, passphrase)
     from medfs import access
     from medfs.ipfs import IPFS
     from medfs.kubo import resolve_api
 
     # Asked while scrypt runs; and a node that cannot be reached stops the share before
     # anything is granted.
-    ipfs = IPFS(resolve_api(layout.root, args.api))
-    providers = access.providers_of(ipfs)
+    providers = access.providers_of(IPFS(resolve_api(layout.root, args.api)))
     session = unlocking.wait()
     try:
-        where = _mountpoint(layout)
-        paths = [access.manifest_path(p, where) for p in args.paths]
-        wrapped = access.grant(session, paths, to)
-        print(f"granted {to.fingerprint} {', '.join(paths)} ({wrapped} files wrapped)")
-        out = Path(args.out) if args.out else None
-        sequence = _deliver(session, to.fingerprint, ipfs, out, args.publish, providers)
+        shared = access.share(session, paths, to, providers)
+        sequence = shared.manifest.sequence
         with journal(layout, session) as log:
             log.append("share", recipient=to.fingerprint, paths=paths, sequence=sequence)
     finally:
         session.manifest.close()
-    return 0
+    entries = len(shared.manifest.entries)
+    return control.ShareAnswer(shared.wrapped, sequence, entries, shared.sealed)
 
 
 def _progress_bar(total: int) -> access.Progress | None:
@@ -171,7 +211,7 @@ def run_revoke(args: argparse.Namespace) -> int:
 
     try:
         where = _mountpoint(layout)
-        paths = [access.manifest_path(p, where) for p in args.paths]
+        paths = [manifest_path(p, where) for p in args.paths]
         ipfs = IPFS(resolve_api(layout.root, args.api), timeout=300)
         total = sum(
             inode.size
@@ -207,7 +247,7 @@ def run_grants(args: argparse.Namespace) -> int:
     try:
         grants = access.grants_of(session)
         where = _mountpoint(layout)
-        prefix = access.manifest_path(args.path, where) if args.path else None
+        prefix = manifest_path(args.path, where) if args.path else None
     finally:
         session.manifest.close()
     rows = [
