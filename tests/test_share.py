@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,10 +155,13 @@ def test_the_running_mount_does_the_share_and_still_wants_the_passphrase(
                 assert wrong.returncode == 6, wrong.stderr
                 assert wrong.stderr.startswith("medfs: error: wrong passphrase")
                 out = share(alice, str(alice.mnt / "ward"), "--to", str(gina.pub),
-                            "--out", str(tmp_path / "gina1"))  # fmt: skip
+                            "--out", str(tmp_path / "gina1"), "--publish")  # fmt: skip
                 assert "(1 files wrapped)" in out.stdout
             finally:
                 away.rename(key)
+            published = re.search(r"^published as (\S+)$", out.stdout, re.MULTILINE)
+            assert published is not None, out.stdout
+            assert IPFS(alice.api).cat(published.group(1)) == (tmp_path / "gina1").read_bytes()
             shown = alice.medfs("audit", "show")
             assert shown.returncode == 0, shown.stderr
             events = [line.split()[3] for line in shown.stdout.splitlines() if "#" in line]
