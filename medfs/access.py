@@ -21,7 +21,8 @@ from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medfs import forked, format, layout, recipients, sharing, state
+from medfs import control, forked, format, layout, recipients, sharing, state
+from medfs.audit import AuditLog
 from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
@@ -107,34 +108,23 @@ def grant(
         # The grant first: a version a running mount commits from now on is wrapped for them.
         manifest.add_grant(top.ino, to.fingerprint, public, now_ns=now)
         below.update((i.ino, None) for _rel, i in _subtree(manifest, top) if i.kind == Kind.FILE)
-    files: list[tuple[str, tuple[bytes, bytes, bytes]]] = []  # (cid, job), inode by inode
-    inos: list[int] = []
+    versions: list[tuple[int, str, tuple[bytes, bytes, bytes]]] = []  # (ino, cid, job)
     for ino, (inode, stanza) in manifest.wrapped_for(owner.fingerprint, list(below)).items():
         if inode.cid is None or inode.salt is None:
             continue  # no version uploaded yet: the mount wraps it for every grantee at commit
         if stanza is None:
             raise _no_owner_wrap(manifest, inode)
-        files.append((inode.cid, (stanza, inode.entry_id, inode.salt)))
-        inos.append(ino)
+        versions.append((ino, inode.cid, (stanza, inode.entry_id, inode.salt)))
     # Unwrapping and wrapping are nearly all of a large share's work, and hold the GIL.
     stanzas = forked.map_split(
-        functools.partial(_rewrap, owner, recipient), [job for _cid, job in files], workers=workers
+        functools.partial(_rewrap, owner, recipient), [job for *_, job in versions], workers=workers
     )
     wraps = [
         (ino, cid, to.fingerprint, stanza)
-        for ino, (cid, _job), stanza in zip(inos, files, stanzas, strict=True)
+        for (ino, cid, _job), stanza in zip(versions, stanzas, strict=True)
     ]
     manifest.add_wraps(wraps)  # one transaction (one fsync), not one per file
     return len(wraps)
-
-
-@dataclass(frozen=True)
-class Shared:
-    """What `share` did: files wrapped, and the new share manifest, sealed for the recipient."""
-
-    wrapped: int
-    manifest: sharing.ShareManifest
-    sealed: bytes
 
 
 def share(
@@ -142,13 +132,17 @@ def share(
     paths: list[str],
     to: PublicIdentity,
     providers: tuple[sharing.Provider, ...],
+    journal: AuditLog,
     *,
     workers: int | None = None,
-) -> Shared:
-    """Grant `to` every path and make the share manifest of everything granted to them."""
+) -> control.Shared:
+    """Grant `to` every path, make the share manifest of everything granted to them, and
+    record the share in the audit log."""
     wrapped = grant(session, paths, to, workers=workers)
     manifest = build_share(session, to.fingerprint, providers)
-    return Shared(wrapped, manifest, sharing.seal(manifest, session.owner, to))
+    sealed = sharing.seal(manifest, session.owner, to)
+    journal.append("share", recipient=to.fingerprint, paths=paths, sequence=manifest.sequence)
+    return control.Shared(wrapped, manifest.sequence, len(manifest.entries), sealed)
 
 
 def _name_of(manifest: Manifest, inode: Inode) -> str:

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from medfs.errors import MedfsError
 
@@ -67,7 +67,10 @@ class ShareRequest:
 
 
 @dataclass(frozen=True)
-class ShareAnswer:
+class Shared:
+    """What a share did, wherever it was done: files wrapped, the share manifest's sequence
+    number and entries, and the manifest sealed for the recipient."""
+
     wrapped: int
     sequence: int
     entries: int
@@ -125,7 +128,7 @@ def share_request(message: dict[str, Any]) -> ShareRequest:
     return ShareRequest(passphrase, paths, to)
 
 
-def answer(result: ShareAnswer) -> dict[str, Any]:
+def answer(result: Shared) -> dict[str, Any]:
     sealed = base64.b64encode(result.sealed).decode("ascii")
     return {"ok": True, "wrapped": result.wrapped, "sequence": result.sequence,
             "entries": result.entries, "sealed": sealed}  # fmt: skip
@@ -135,7 +138,7 @@ def refusal(err: MedfsError) -> dict[str, Any]:
     return {"ok": False, "code": err.exit_code, "message": err.message, "hint": err.hint}
 
 
-def _share_answer(message: dict[str, Any]) -> ShareAnswer:
+def _share_answer(message: dict[str, Any]) -> Shared:
     if message.get("ok") is not True:
         code = message.get("code")
         raise ControlError(
@@ -144,7 +147,7 @@ def _share_answer(message: dict[str, Any]) -> ShareAnswer:
             code=code if isinstance(code, int) and 1 < code < 126 else 9,
         )
     try:
-        return ShareAnswer(
+        return Shared(
             int(message["wrapped"]),
             int(message["sequence"]),
             int(message["entries"]),
@@ -168,13 +171,18 @@ def socket_address(root: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def peer_uid(sock: socket.socket) -> int:
+class _Socket(Protocol):
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
+
+def peer_uid(sock: _Socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket (stdlib or trio)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return int(uid)
 
 
-def ask_share(root: Path, request: ShareRequest, timeout: float) -> ShareAnswer | None:
+def ask_share(root: Path, request: ShareRequest, timeout: float) -> Shared | None:
     """Have the mount of `root` do the share; None if no mount listens there."""
     message = {"v": VERSION, "op": "share", "passphrase": request.passphrase,
                "paths": request.paths, "to": request.to}  # fmt: skip

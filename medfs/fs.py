@@ -1116,7 +1116,7 @@ class Filesystem(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         # What a directory's entries are worth depends on the versions behind them: `sync DIR`
         # after a `cp -r` returns once every small file closed before it is committed.
-        await self._wait_committed(None)
+        await self.settle()
         await self._durable([])
 
     @_op

@@ -271,7 +271,7 @@ def _share(
     ipfs: IPFS,
     journal: AuditLog,
     request: control.ShareRequest,
-) -> control.ShareAnswer:
+) -> control.Shared:
     """The share a command asked for, in a worker thread on a manifest connection of its own
     (SQLite connections belong to their thread); never forked (medfs.forked), since a fork of
     this threaded daemon could inherit a lock held by another thread."""
@@ -279,20 +279,16 @@ def _share(
     session = state.open_session(layout, owner)
     try:
         providers = access.providers_of(ipfs)
-        shared = access.share(session, request.paths, to, providers, workers=1)
+        return access.share(session, request.paths, to, providers, journal, workers=1)
     finally:
         session.manifest.close()
-    sequence = shared.manifest.sequence
-    journal.append("share", recipient=to.fingerprint, paths=request.paths, sequence=sequence)
-    entries = len(shared.manifest.entries)
-    return control.ShareAnswer(shared.wrapped, sequence, entries, shared.sealed)
 
 
 @dataclass
 class _Agent:
     listener: socket.socket
     passphrase: control.Passphrase
-    share: Callable[[control.ShareRequest], control.ShareAnswer]
+    share: Callable[[control.ShareRequest], control.Shared]
     journal: AuditLog
 
     async def serve(self, fs: Filesystem) -> None:
@@ -359,7 +355,7 @@ class _Agent:
 
 
 async def _read_request(conn: trio.socket.SocketType) -> control.ShareRequest:
-    if control.peer_uid(conn) != os.getuid():  # type: ignore[arg-type]
+    if control.peer_uid(conn) != os.getuid():
         raise control.BadRequest("only the mount's owner may ask it to share")
     prefix = await _recv_exact(conn, control.FRAME.size)
     body = await _recv_exact(conn, control.frame_length(prefix, control.MAX_REQUEST))

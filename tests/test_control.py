@@ -85,7 +85,7 @@ def serve_once(root: Path, reply: bytes) -> threading.Thread:
     return thread
 
 
-def ask(root: Path) -> control.ShareAnswer | None:
+def ask(root: Path) -> control.Shared | None:
     return control.ask_share(root, control.ShareRequest("pw", ["/ward"], "pub"), timeout=10)
 
 
@@ -101,7 +101,7 @@ def test_no_mount_listening_means_the_command_does_the_share(tmp_path: Path) -> 
 def test_answers_and_refusals_come_back(tmp_path: Path) -> None:
     root = tmp_path / ("long-" * 30)  # beyond a Unix socket path's 108 bytes
     root.mkdir()
-    result = control.ShareAnswer(wrapped=2, sequence=3, entries=4, sealed=b"\x00sealed\xff")
+    result = control.Shared(wrapped=2, sequence=3, entries=4, sealed=b"\x00sealed\xff")
     thread = serve_once(root, control.frame(control.answer(result)))
     assert ask(root) == result
     thread.join()

@@ -62,10 +62,14 @@ def _unlocking(layout: state.Layout, passphrase: str) -> state.Unlocking:
     return unlocking
 
 
-def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
+def _layout_and_passphrase(args: argparse.Namespace) -> tuple[state.Layout, str]:
     layout = state.Layout(state_dir(args.state))
     state.read_config(layout)
-    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    return layout, identity.get_passphrase(passphrase_file=args.passphrase_file)
+
+
+def _session(args: argparse.Namespace) -> tuple[state.Layout, state.Session]:
+    layout, passphrase = _layout_and_passphrase(args)
     return layout, _unlocking(layout, passphrase).wait()
 
 
@@ -128,9 +132,7 @@ def _deliver(
 
 def run_share(args: argparse.Namespace) -> int:
     to = identity.read_public_file(args.to)
-    layout = state.Layout(state_dir(args.state))
-    state.read_config(layout)
-    passphrase = identity.get_passphrase(passphrase_file=args.passphrase_file)
+    layout, passphrase = _layout_and_passphrase(args)
     where = _mountpoint(layout)
     paths = [manifest_path(p, where) for p in args.paths]
     done = None
@@ -159,7 +161,7 @@ def _share_here(
     passphrase: str,
     paths: list[str],
     to: identity.PublicIdentity,
-) -> control.ShareAnswer:
+) -> control.Shared:
     """The share done by this command, with the key unlocked here."""
     unlocking = _unlocking(layout, passphrase)
     from medfs import access
@@ -171,14 +173,10 @@ def _share_here(
     providers = access.providers_of(IPFS(resolve_api(layout.root, args.api)))
     session = unlocking.wait()
     try:
-        shared = access.share(session, paths, to, providers)
-        sequence = shared.manifest.sequence
         with journal(layout, session) as log:
-            log.append("share", recipient=to.fingerprint, paths=paths, sequence=sequence)
+            return access.share(session, paths, to, providers, log)
     finally:
         session.manifest.close()
-    entries = len(shared.manifest.entries)
-    return control.ShareAnswer(shared.wrapped, sequence, entries, shared.sealed)
 
 
 def _progress_bar(total: int) -> access.Progress | None:
