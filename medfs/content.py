@@ -956,12 +956,14 @@ class PendingStore:
                 path.unlink()
 
     def sweep(self, keep: Iterable[Path]) -> int:
-        """Delete encrypted objects no record keeps: the leftovers of a crash mid-write."""
+        """Delete what a crash mid-write left: encrypted objects no record keeps, and records
+        never renamed into place (`save` writes `*.tmp` first). For a mount's start, before
+        anything new is saved."""
         kept = set(keep)
         removed = 0
-        for path in self.directory.glob("*.obj"):
-            if path not in kept:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
+        leftovers = [p for p in self.directory.glob("*.obj") if p not in kept]
+        for path in [*leftovers, *self.directory.glob("*.tmp")]:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
         return removed

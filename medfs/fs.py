@@ -247,7 +247,7 @@ class Filesystem(pyfuse3.Operations):
                     self.pending_store.remove(record)
             swept = self.pending_store.sweep(r.spool for r in self._pending.values())
             if swept:
-                log.info("removed %d unfinished objects from the staging area", swept)
+                log.info("removed %d unfinished files from the staging area", swept)
             if self._pending:
                 log.info("%d versions wait in the staging area for upload", len(self._pending))
                 self._wake.set()
