@@ -123,6 +123,40 @@ def test_kill_the_mount_daemon_mid_copy(tmp_path: Path, kubo_api: str) -> None:
         m.force_cleanup()
 
 
+def test_a_restart_removes_what_a_killed_daemon_left_half_written(
+    tmp_path: Path, kubo_api: str
+) -> None:
+    """A daemon killed inside a close can leave a sealed object without its record, or a
+    record never renamed into place (`*.tmp`); the next mount deletes both, and nothing else."""
+    m = Mounted(tmp_path / "state", tmp_path / "mnt", kubo_api)
+    m.mnt.mkdir()
+    init_state(m.state)
+    m.mount()
+    try:
+        (m.mnt / "kept.txt").write_bytes(b"closed and committed")
+        fd = os.open(m.mnt, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # committed: the restart below has nothing of its own to recover
+        finally:
+            os.close(fd)
+        pid = m.daemon_pid()
+        assert pid is not None
+        kill(pid)
+        staging = m.state / "staging"
+        orphan = staging / f"{os.urandom(12).hex()}.obj"
+        torn = staging / f"{os.urandom(12).hex()}.tmp"
+        orphan.write_bytes(os.urandom(4096))
+        torn.write_bytes(os.urandom(40))
+        assert m.medfs("umount", str(m.mnt)).returncode == 9  # the daemon had died
+        m.mount()
+        assert not orphan.exists() and not torn.exists()
+        assert (m.mnt / "kept.txt").read_bytes() == b"closed and committed"
+        assert "removed 2 unfinished files" in (m.state / "mount.log").read_text()
+        m.umount()
+    finally:
+        m.force_cleanup()
+
+
 def test_kill_kubo_mid_copy_nothing_closed_is_lost(tmp_path: Path, own_node: EmbeddedNode) -> None:
     """The embedded node dies mid-copy: closes still succeed (kept in the staging area), the
     daemon restarts the node and uploads them; after remount everything closed is there."""
