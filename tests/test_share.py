@@ -119,8 +119,11 @@ def test_a_share_of_hundreds_of_files_opens_for_the_recipient(
             listed = alice.medfs("grants", "--json")
             assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
             out = share(alice, "/ward1", "/ward2", "/ward1/r0.txt", "--to", str(frank.pub),
-                        "--out", str(tmp_path / "frank1"))  # fmt: skip
+                        "--out", str(tmp_path / "frank1"), "--publish")  # fmt: skip
             assert f"({n} files wrapped)" in out.stdout
+            published = re.findall(r"^published as (\S+)$", out.stdout, re.MULTILINE)
+            assert len(published) == 1, out.stdout  # by the node the share itself asked
+            assert IPFS(alice.api).cat(published[0]) == (tmp_path / "frank1").read_bytes()
             out = frank.mount_share(tmp_path / "frank1", alice.state / "owner.pub")
             assert out.returncode == 0, out.stderr
             assert sorted(os.listdir(frank.mnt)) == ["ward1", "ward2"]  # r0.txt only once

@@ -135,24 +135,32 @@ def run_share(args: argparse.Namespace) -> int:
     layout, passphrase = _layout_and_passphrase(args)
     where = _mountpoint(layout)
     paths = [manifest_path(p, where) for p in args.paths]
-    done = None
+    done, node = None, None
     if where is not None:  # the mount has the key unlocked: no scrypt here (medfs/control.py)
         request = control.ShareRequest(passphrase, paths, to.to_text())
         done = control.ask_share(layout.root, request, timeout=SHARE_TIMEOUT)
     if done is None:
-        done = _share_here(args, layout, passphrase, paths, to)
+        done, node = _share_here(args, layout, passphrase, paths, to)
     print(f"granted {to.fingerprint} {', '.join(paths)} ({done.wrapped} files wrapped)")
     path = _write_manifest(Path(args.out) if args.out else None, to.fingerprint, done.sequence,
                            done.sealed)  # fmt: skip
     print(f"share manifest #{done.sequence} for {to.fingerprint}: {done.entries} entries -> {path}")
     if args.publish:
-        from medfs import access
-        from medfs.ipfs import IPFS
-        from medfs.kubo import resolve_api
-
-        ipfs = IPFS(resolve_api(layout.root, args.api))
-        _publish(ipfs, done.sealed, access.providers_of(ipfs))
+        ipfs, providers = node or _node(layout, args)
+        _publish(ipfs, done.sealed, providers)
     return 0
+
+
+def _node(
+    layout: state.Layout, args: argparse.Namespace
+) -> tuple[IPFS, tuple[sharing.Provider, ...]]:
+    """The node's client and the addresses a recipient fetches from (asked of the node)."""
+    from medfs import access
+    from medfs.ipfs import IPFS
+    from medfs.kubo import resolve_api
+
+    ipfs = IPFS(resolve_api(layout.root, args.api))
+    return ipfs, access.providers_of(ipfs)
 
 
 def _share_here(
@@ -161,20 +169,18 @@ def _share_here(
     passphrase: str,
     paths: list[str],
     to: identity.PublicIdentity,
-) -> control.Shared:
-    """The share done by this command, with the key unlocked here."""
+) -> tuple[control.Shared, tuple[IPFS, tuple[sharing.Provider, ...]]]:
+    """The share done by this command, with the key unlocked here; and the node it asked."""
     unlocking = _unlocking(layout, passphrase)
     from medfs import access
-    from medfs.ipfs import IPFS
-    from medfs.kubo import resolve_api
 
     # Asked while scrypt runs; and a node that cannot be reached stops the share before
     # anything is granted.
-    providers = access.providers_of(IPFS(resolve_api(layout.root, args.api)))
+    node = _node(layout, args)
     session = unlocking.wait()
     try:
         with journal(layout, session) as log:
-            return access.share(session, paths, to, providers, log)
+            return access.share(session, paths, to, node[1], log), node
     finally:
         session.manifest.close()
 
