@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -863,7 +863,8 @@ def pending_key(manifest_key: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class PendingRecord:
-    """A committed-on-close version whose upload failed: the whole object is in `spool`."""
+    """A committed-on-close version whose upload is still to come: the start of `spool` is its
+    whole encrypted object. `saved_ns` is when it was recorded (the file's mtime)."""
 
     ino: int
     spool: Path
@@ -871,21 +872,38 @@ class PendingRecord:
     salt: bytes
     size: int
     mtime_ns: int
-    meta: Path
+    saved_ns: int
 
     def version(self) -> Version:
         return Version(f"spool:{self.spool.name}", self.key, self.salt, self.size, self.spool)
+
+    def chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes, without the record after them (blocking)."""
+        left = layout.ciphertext_size(self.size)
+        with open(self.spool, "rb") as fh:
+            while left:
+                chunk = fh.read(min(left, size))
+                if not chunk:
+                    raise OSError(errno.EIO, f"{self.spool.name} is shorter than its object")
+                left -= len(chunk)
+                yield chunk
 
 
 class PendingStore:
     """Versions waiting for the node, kept in the staging area across restarts.
 
-    Each is its complete encrypted object (`*.obj`) plus a small record (`*.pending`) sealed
-    under a key derived from the manifest key, so the next mount can upload and commit it;
-    nothing in the staging area is readable without the owner's key.
+    Each is one file, `*.obj`: its complete encrypted object, then a record (inode, content
+    key, salt, size, mtime) sealed under a key derived from the manifest key, the record's
+    length and a marker. Nothing in the staging area is readable without the owner's key.
+    One file, not an object and a record beside it: a copy of many small files creates and
+    deletes one file each here, and renames none. An object with no record yet (the daemon
+    died before its close returned) has no marker. Layout: docs/FORMAT.md §8.
     """
 
     AAD = b"medfs v1 pending upload"
+    MAGIC = b"medfs-p1"
+    _TAIL = 4 + len(MAGIC)  # the record's length, then the marker
+    _MAX_RECORD = 4096
 
     def __init__(self, directory: Path, key: bytes) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -895,74 +913,126 @@ class PendingStore:
     def save(
         self, ino: int, sealed: Sealed, mtime_ns: int, *, synced: bool = True
     ) -> PendingRecord:
-        """Record `sealed` as waiting for upload. Without `synced` nothing is fsynced: the
-        record survives the daemon being killed, and `sync` makes it survive a power cut."""
-        record = PendingRecord(
-            ino, sealed.spool, sealed.key, sealed.salt, sealed.size, mtime_ns,
-            sealed.spool.with_suffix(".pending"),
-        )  # fmt: skip
+        """Record `sealed` as waiting for upload, after its object. Without `synced` nothing
+        is fsynced: the record survives the daemon being killed, and `sync` makes it survive
+        a power cut."""
         body = json.dumps({
-            "ino": ino, "spool": sealed.spool.name, "key": sealed.key.hex(),
-            "salt": sealed.salt.hex(), "size": sealed.size, "mtime_ns": mtime_ns,
+            "ino": ino, "key": sealed.key.hex(), "salt": sealed.salt.hex(), "size": sealed.size,
+            "mtime_ns": mtime_ns,
         }).encode()  # fmt: skip
         nonce = os.urandom(12)
-        tmp = record.meta.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            durable.write_all(fd, nonce + self._aead.encrypt(nonce, body, self.AAD))
-            if synced:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(record.meta)
+        saved_ns = self._append(
+            sealed.spool, nonce + self._aead.encrypt(nonce, body, self.AAD), synced=synced
+        )
         if synced:
             self._sync_directory()
-        return record
+        return PendingRecord(
+            ino, sealed.spool, sealed.key, sealed.salt, sealed.size, mtime_ns, saved_ns
+        )
+
+    def _append(self, path: Path, sealed_record: bytes, *, synced: bool) -> int:
+        """Write the record after the object at `path`; the file's new mtime."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            tail = len(sealed_record).to_bytes(4, "big") + self.MAGIC
+            durable.write_all(fd, sealed_record + tail)
+            if synced:
+                os.fsync(fd)
+            return os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
 
     def sync(self, records: Iterable[PendingRecord]) -> None:
         """Make records saved without `synced` survive a power cut (blocking)."""
         for record in records:
-            for path in (record.spool, record.meta):
-                with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
-                    durable.fsync_path(path)
+            with contextlib.suppress(FileNotFoundError):  # uploaded meanwhile
+                durable.fsync_path(record.spool)
         self._sync_directory()
 
     def _sync_directory(self) -> None:
         durable.fsync_path(self.directory, directory=True)  # the names must survive a crash
 
     def load(self) -> list[PendingRecord]:
+        """Every version recorded here. A file whose record cannot be used (damaged, sealed
+        under another mount's key, its object cut short) is logged and left in place."""
+        self._adopt_separate_records()
         found = []
-        for meta in sorted(self.directory.glob("*.pending")):
+        for path in sorted(self.directory.glob("*.obj")):
             try:
-                raw = meta.read_bytes()
-                body = json.loads(self._aead.decrypt(raw[:12], raw[12:], self.AAD))
-                record = PendingRecord(
-                    int(body["ino"]), self.directory / str(body["spool"]),
-                    bytes.fromhex(body["key"]), bytes.fromhex(body["salt"]), int(body["size"]),
-                    int(body["mtime_ns"]), meta,
-                )  # fmt: skip
+                record = self._read(path)
             except (OSError, ValueError, KeyError, InvalidTag) as err:
-                log.error("staging record %s cannot be read (%r); it is left in place", meta, err)
+                log.error("staging file %s cannot be read (%r); it is left in place", path, err)
                 continue
-            if not record.spool.is_file():
-                log.error("staging record %s has lost its object; it is left in place", meta)
-                continue
-            found.append(record)
+            if record is not None:
+                found.append(record)
         return found
 
-    def remove(self, record: PendingRecord) -> None:
-        for path in (record.spool, record.meta):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    def _read(self, path: Path) -> PendingRecord | None:
+        """The version recorded at the end of `path`; None if it has no record."""
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            sealed = self._sealed_record(fh, end)
+            saved_ns = os.fstat(fh.fileno()).st_mtime_ns
+        if sealed is None:
+            return None
+        body = json.loads(self._aead.decrypt(sealed[:12], sealed[12:], self.AAD))
+        record = PendingRecord(
+            int(body["ino"]), path, bytes.fromhex(body["key"]), bytes.fromhex(body["salt"]),
+            int(body["size"]), int(body["mtime_ns"]), saved_ns,
+        )  # fmt: skip
+        if layout.ciphertext_size(record.size) != end - self._TAIL - len(sealed):
+            raise ValueError("its object is not the size its record states")
+        return record
 
-    def sweep(self, keep: Iterable[Path]) -> int:
-        """Delete what a crash mid-write left: encrypted objects no record keeps, and records
-        never renamed into place (`save` writes `*.tmp` first). For a mount's start, before
-        anything new is saved."""
-        kept = set(keep)
+    def _sealed_record(self, fh: BinaryIO, end: int) -> bytes | None:
+        if end < self._TAIL:
+            return None
+        fh.seek(end - self._TAIL)
+        tail = fh.read(self._TAIL)
+        if tail[4:] != self.MAGIC:
+            return None
+        length = int.from_bytes(tail[:4], "big")
+        if length > min(self._MAX_RECORD, end - self._TAIL):
+            raise ValueError(f"its record's length ({length}) is out of range")
+        fh.seek(end - self._TAIL - length)
+        return fh.read(length)
+
+    def _has_record(self, path: Path) -> bool:
+        with open(path, "rb") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            if end < self._TAIL:
+                return False
+            fh.seek(end - self._TAIL + 4)
+            return fh.read() == self.MAGIC
+
+    def _adopt_separate_records(self) -> None:
+        """Staging areas written before one file per version kept each record in `X.pending`
+        beside its object `X.obj`, with the same sealed bytes: append it to its object."""
+        for old in self.directory.glob("*.pending"):
+            obj = old.with_suffix(".obj")
+            if not obj.is_file():
+                log.error("staging record %s has lost its object; it is left in place", old)
+                continue
+            if not self._has_record(obj):  # else a crash came between append and unlink
+                self._append(obj, old.read_bytes(), synced=True)
+            old.unlink()
+            self._sync_directory()
+
+    def remove(self, record: PendingRecord) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            record.spool.unlink()
+
+    def sweep(self) -> int:
+        """Delete what a crash mid-write left: objects without a record (their close never
+        returned), and records of the earlier layout never renamed into place (`*.tmp`).
+        For a mount's start, after `load`, before anything new is saved."""
         removed = 0
-        leftovers = [p for p in self.directory.glob("*.obj") if p not in kept]
-        for path in [*leftovers, *self.directory.glob("*.tmp")]:
+        for path in self.directory.glob("*.obj"):
+            with contextlib.suppress(FileNotFoundError):
+                if not self._has_record(path):
+                    path.unlink()
+                    removed += 1
+        for path in self.directory.glob("*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed += 1

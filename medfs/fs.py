@@ -237,15 +237,13 @@ class Filesystem(pyfuse3.Operations):
                     # Its file was deleted meanwhile, or this version (or a newer one) was
                     # committed before a crash left the record behind: never roll back.
                     self.pending_store.remove(record)
-                elif (
-                    older is None or record.meta.stat().st_mtime_ns > older.meta.stat().st_mtime_ns
-                ):
+                elif older is None or record.saved_ns > older.saved_ns:
                     if older is not None:
                         self.pending_store.remove(older)
                     self._pending[record.ino] = record
                 else:
                     self.pending_store.remove(record)
-            swept = self.pending_store.sweep(r.spool for r in self._pending.values())
+            swept = self.pending_store.sweep()
             if swept:
                 log.info("removed %d unfinished files from the staging area", swept)
             if self._pending:
@@ -265,8 +263,7 @@ class Filesystem(pyfuse3.Operations):
     def _committed_since(record: PendingRecord, inode: Inode) -> bool:
         if inode.salt == record.salt:
             return True  # the salt is fresh for every version: this one is committed
-        saved_ns = record.meta.stat().st_mtime_ns
-        return inode.version_ns is not None and inode.version_ns >= saved_ns
+        return inode.version_ns is not None and inode.version_ns >= record.saved_ns
 
     def _drop_uncommitted(self, inode: Inode) -> None:
         path = self.manifest.path_of(inode.ino)
@@ -352,11 +349,10 @@ class Filesystem(pyfuse3.Operations):
                     await self._node_trouble(err)
 
     def _upload_spool(self, record: PendingRecord) -> str:
-        with open(record.spool, "rb") as fh:
-            return self.ipfs.add(fh)
+        return self.ipfs.add(record.chunks())
 
     def _upload_group(self, records: Sequence[PendingRecord]) -> tuple[str, list[str]]:
-        return self.ipfs.add_group([r.spool.read_bytes() for r in records])
+        return self.ipfs.add_group([b"".join(r.chunks()) for r in records])
 
     async def _upload_round(self) -> str | None:
         """Upload and commit what waits in the staging area; the error that stopped it.

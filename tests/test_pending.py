@@ -4,11 +4,13 @@ test_reliability; this is the store's own contract."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from medfs import format
 from medfs.content import PendingRecord, PendingStore, seal_small
 
 KEY = bytes(range(32))
@@ -30,44 +32,79 @@ def test_a_saved_record_loads_back_as_it_was(store: PendingStore) -> None:
     loaded = sorted(store.load(), key=lambda r: r.ino)
     assert loaded == records
     assert [r.size for r in loaded] == [1007, 1008]
-    assert all(r.spool.is_file() and r.meta.is_file() for r in loaded)
+    assert sorted(store.directory.iterdir()) == sorted(r.spool for r in records)  # one file each
+
+
+def test_the_object_uploaded_is_the_sealed_one_without_its_record(store: PendingStore) -> None:
+    plaintext = os.urandom(200_000)  # several segments, read back in several chunks
+    sealed = seal_small(store.directory, plaintext)
+    ciphertext = sealed.spool.read_bytes()
+    record = store.save(9, sealed, T0)
+    assert record.spool.stat().st_size > len(ciphertext)
+    assert b"".join(record.chunks(size=50_000)) == ciphertext
+    assert format.decrypt_bytes(record.key, b"".join(record.chunks())) == plaintext
 
 
 def test_a_record_keeps_its_key_and_inode_sealed(store: PendingStore) -> None:
     record = saved(store, 123456)
-    raw = record.meta.read_bytes()
+    raw = record.spool.read_bytes()
     assert record.key not in raw and record.key.hex().encode() not in raw
     assert b"123456" not in raw and b"ino" not in raw
 
 
 def test_records_that_cannot_be_used_are_left_in_place(store: PendingStore) -> None:
-    lost = saved(store, 1)
-    lost.spool.unlink()  # its object is gone
-    altered = saved(store, 2)
-    raw = bytearray(altered.meta.read_bytes())
-    raw[-1] ^= 1
-    altered.meta.write_bytes(bytes(raw))
+    altered = saved(store, 1)
+    raw = bytearray(altered.spool.read_bytes())
+    raw[-13] ^= 1  # the record's last byte, before its length and marker
+    altered.spool.write_bytes(bytes(raw))
+    cut = saved(store, 2)
+    cut.spool.write_bytes(cut.spool.read_bytes()[1:])  # its object lost a byte
     foreign = PendingStore(store.directory, bytes(32)).load()  # another mount's key
     good = saved(store, 3)
     assert store.load() == [good]
     assert foreign == []
-    assert lost.meta.exists() and altered.meta.exists()  # kept for a person to look at
+    assert store.sweep() == 0  # kept for a person to look at
+    assert altered.spool.exists() and cut.spool.exists()
 
 
 def test_sweep_removes_what_a_crash_left_and_nothing_a_record_keeps(store: PendingStore) -> None:
     kept = saved(store, 1)
     orphan = seal_small(store.directory, b"closed, but the daemon died before its record")
-    torn = store.directory / f"{os.urandom(12).hex()}.tmp"  # a record never renamed into place
+    empty = store.directory / f"{os.urandom(12).hex()}.obj"  # died right after creating it
+    empty.touch()
+    torn = store.directory / f"{os.urandom(12).hex()}.tmp"  # the earlier layout's torn record
     torn.write_bytes(b"half a rec")
-    assert store.sweep([kept.spool]) == 2
-    assert not orphan.spool.exists() and not torn.exists()
     assert store.load() == [kept]
-    assert store.sweep([kept.spool]) == 0
+    assert store.sweep() == 3
+    assert not orphan.spool.exists() and not empty.exists() and not torn.exists()
+    assert store.load() == [kept]
+    assert store.sweep() == 0
 
 
-def test_remove_deletes_both_files_and_may_run_twice(store: PendingStore) -> None:
+def test_records_of_the_earlier_layout_are_adopted(store: PendingStore) -> None:
+    """Before one file per version, `X.pending` beside `X.obj` held the same sealed record."""
+    plaintext = os.urandom(3000)
+    sealed = seal_small(store.directory, plaintext)
+    body = json.dumps({
+        "ino": 42, "spool": sealed.spool.name, "key": sealed.key.hex(),
+        "salt": sealed.salt.hex(), "size": sealed.size, "mtime_ns": T0,
+    }).encode()  # fmt: skip
+    nonce = os.urandom(12)
+    old = sealed.spool.with_suffix(".pending")
+    old.write_bytes(nonce + store._aead.encrypt(nonce, body, store.AAD))
+    lost = store.directory / f"{os.urandom(12).hex()}.pending"  # its object is gone
+    lost.write_bytes(b"a record whose object is gone")
+    (record,) = store.load()
+    assert (record.ino, record.spool, record.key, record.mtime_ns) == (42, sealed.spool,
+                                                                       sealed.key, T0)  # fmt: skip
+    assert not old.exists() and lost.exists()
+    assert format.decrypt_bytes(record.key, b"".join(record.chunks())) == plaintext
+    assert store.load() == [record]  # adopted once
+
+
+def test_remove_deletes_the_file_and_may_run_twice(store: PendingStore) -> None:
     record = saved(store, 5)
     store.remove(record)
-    assert not record.spool.exists() and not record.meta.exists()
+    assert not record.spool.exists()
     store.remove(record)
     assert store.load() == []

@@ -126,8 +126,8 @@ def test_kill_the_mount_daemon_mid_copy(tmp_path: Path, kubo_api: str) -> None:
 def test_a_restart_removes_what_a_killed_daemon_left_half_written(
     tmp_path: Path, kubo_api: str
 ) -> None:
-    """A daemon killed inside a close can leave a sealed object without its record, or a
-    record never renamed into place (`*.tmp`); the next mount deletes both, and nothing else."""
+    """A daemon killed inside a close can leave a sealed object without its record after it,
+    or a staging file just created; the next mount deletes both, and nothing else."""
     m = Mounted(tmp_path / "state", tmp_path / "mnt", kubo_api)
     m.mnt.mkdir()
     init_state(m.state)
@@ -144,12 +144,12 @@ def test_a_restart_removes_what_a_killed_daemon_left_half_written(
         kill(pid)
         staging = m.state / "staging"
         orphan = staging / f"{os.urandom(12).hex()}.obj"
-        torn = staging / f"{os.urandom(12).hex()}.tmp"
         orphan.write_bytes(os.urandom(4096))
-        torn.write_bytes(os.urandom(40))
+        empty = staging / f"{os.urandom(12).hex()}.obj"
+        empty.touch()
         assert m.medfs("umount", str(m.mnt)).returncode == 9  # the daemon had died
         m.mount()
-        assert not orphan.exists() and not torn.exists()
+        assert not orphan.exists() and not empty.exists()
         assert (m.mnt / "kept.txt").read_bytes() == b"closed and committed"
         assert "removed 2 unfinished files" in (m.state / "mount.log").read_text()
         m.umount()
