@@ -985,25 +985,24 @@ class PendingStore:
         return record
 
     def _sealed_record(self, fh: BinaryIO, end: int) -> bytes | None:
-        if end < self._TAIL:
+        if not self._marked(fh, end):
             return None
         fh.seek(end - self._TAIL)
-        tail = fh.read(self._TAIL)
-        if tail[4:] != self.MAGIC:
-            return None
-        length = int.from_bytes(tail[:4], "big")
+        length = int.from_bytes(fh.read(4), "big")
         if length > min(self._MAX_RECORD, end - self._TAIL):
             raise ValueError(f"its record's length ({length}) is out of range")
         fh.seek(end - self._TAIL - length)
         return fh.read(length)
 
+    def _marked(self, fh: BinaryIO, end: int) -> bool:
+        if end < self._TAIL:
+            return False
+        fh.seek(end - len(self.MAGIC))
+        return fh.read() == self.MAGIC
+
     def _has_record(self, path: Path) -> bool:
         with open(path, "rb") as fh:
-            end = fh.seek(0, os.SEEK_END)
-            if end < self._TAIL:
-                return False
-            fh.seek(end - self._TAIL + 4)
-            return fh.read() == self.MAGIC
+            return self._marked(fh, fh.seek(0, os.SEEK_END))
 
     def _adopt_separate_records(self) -> None:
         """Staging areas written before one file per version kept each record in `X.pending`

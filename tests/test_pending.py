@@ -59,12 +59,14 @@ def test_records_that_cannot_be_used_are_left_in_place(store: PendingStore) -> N
     altered.spool.write_bytes(bytes(raw))
     cut = saved(store, 2)
     cut.spool.write_bytes(cut.spool.read_bytes()[1:])  # its object lost a byte
+    too_long = store.directory / f"{os.urandom(12).hex()}.obj"  # states a record past its start
+    too_long.write_bytes(os.urandom(100) + (1 << 20).to_bytes(4, "big") + PendingStore.MAGIC)
     foreign = PendingStore(store.directory, bytes(32)).load()  # another mount's key
     good = saved(store, 3)
     assert store.load() == [good]
     assert foreign == []
     assert store.sweep() == 0  # kept for a person to look at
-    assert altered.spool.exists() and cut.spool.exists()
+    assert altered.spool.exists() and cut.spool.exists() and too_long.exists()
 
 
 def test_sweep_removes_what_a_crash_left_and_nothing_a_record_keeps(store: PendingStore) -> None:
