@@ -227,6 +227,8 @@ def test_writes_while_the_node_is_down_wait_and_survive_umount(tmp_path: Path) -
         assert "not on IPFS yet" in out.stderr and "kept in the staging area" in out.stderr
         staged = list((m.state / "staging").glob("*.obj"))
         assert len(staged) == 2
+        assert sorted((m.state / "staging").iterdir()) == sorted(staged)  # one file a version
+        assert all(p.read_bytes().endswith(b"medfs-p1") for p in staged)  # each with its record
         assert all(looks_encrypted(p) for p in staged)
         node.ensure_running()
         m.mount()
