@@ -91,8 +91,7 @@ class Version:
         if local is not None:
 
             def fetch(offset: int, length: int) -> bytes:
-                with open(local, "rb") as fh:
-                    return os.pread(fh.fileno(), length, offset)
+                return _read_staged(local, offset, length)
 
         else:
 
@@ -123,6 +122,23 @@ class ContentError(Exception):
     def __init__(self, message: str, err: int = errno.EIO) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class StagedCopyGone(ContentError):
+    """A read went to a version's copy in the staging area, and the copy was gone: the
+    version was uploaded (or replaced) between choosing it and opening its file. The file's
+    current version has what the read wants; the caller asks again."""
+
+
+def _read_staged(path: Path, offset: int, length: int) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise StagedCopyGone(f"{path.name} is no longer in the staging area") from None
+    try:  # once open, an upload that unlinks the file no longer matters
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -228,8 +244,7 @@ class Reader:
             return {}
         base = where.ciphertext_offset
         if v.local is not None:
-            with open(v.local, "rb") as fh:
-                data: bytes | bytearray = os.pread(fh.fileno(), where.ciphertext_length, base)
+            data: bytes | bytearray = _read_staged(v.local, base, where.ciphertext_length)
         else:
             data = self.ipfs.cat_buffer(v.cid, base, where.ciphertext_length)
         view = memoryview(data)
@@ -323,8 +338,8 @@ class Reader:
         self._prefetching += 1
         try:
             await trio.to_thread.run_sync(self.segments, v, start, stop)
-        except ContentError:
-            pass
+        except (ContentError, OSError):
+            pass  # a background task must not take the filesystem down: the read will see
         finally:
             self._prefetching -= 1
             for index in range(start, stop + 1):

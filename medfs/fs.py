@@ -44,6 +44,7 @@ from medfs.content import (
     PendingStore,
     Reader,
     Sealed,
+    StagedCopyGone,
     Staging,
     Version,
 )
@@ -1057,22 +1058,29 @@ class Filesystem(pyfuse3.Operations):
         if draft is not None:
             return await draft.read(off, size)
         version = self._version(self._inode(handle.ino))
-        if version is None:
-            return b""
         ahead = handle.plan_read(off, size)
-        try:
-            data = await self.reader.read(version, off, size, ahead)
-        except ContentError:
-            self._suspect = True
-            raise
+        while True:
+            if version is None:
+                return b""
+            try:
+                data = await self.reader.read(version, off, size, ahead)
+                break
+            except StagedCopyGone:
+                # Uploaded while this read went to its staging copy: the version now
+                # committed has the same bytes. Asked again only if it did change.
+                current = self._version(self._inode(handle.ino))
+                if current == version:
+                    raise
+                version = current
+            except ContentError:
+                self._suspect = True
+                raise
         handle.after_read(off, len(data))
         if handle.ahead >= PREFETCH_AFTER and self._nursery is not None and data:
             # Keep the next window coming while this one is read: fetch and decrypt overlap
             # with the reader instead of stalling it at every window boundary.
-            current = (off + len(data)) // SEG
-            self._nursery.start_soon(
-                self.reader.prefetch, version, current + 1, current + 2 * handle.ahead
-            )
+            at = (off + len(data)) // SEG
+            self._nursery.start_soon(self.reader.prefetch, version, at + 1, at + 2 * handle.ahead)
         return data
 
     @_op

@@ -1,0 +1,160 @@
+"""Interleavings a real mount cannot produce on demand, forced by calling the Filesystem's
+handlers in this process: a real Kubo node and a real staging area, no FUSE in between.
+
+What they pin down: a read that was sent to a version's staging copy just as that version was
+uploaded (and its copy removed) still gets the version's bytes, and a read-ahead that meets the
+same removal in the background does not take the filesystem down."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from medfs import state
+from medfs.content import (
+    PendingStore,
+    Reader,
+    SegmentCache,
+    StagedCopyGone,
+    Staging,
+    Version,
+    pending_key,
+    seal_small,
+)
+from medfs.fs import Filesystem
+from medfs.ipfs import IPFS
+from medfs.kubo import EmbeddedNode
+from tests.mounting import PASSPHRASE, init_state
+from tests.test_reliability import _fixed_port_node
+
+CTX = pyfuse3.RequestContext()
+
+
+def run_with_filesystem(
+    tmp_path: Path, api: str, scenario: Callable[[Filesystem], Awaitable[None]]
+) -> None:
+    """Build the Filesystem as `medfs mount` does (without FUSE and the audit log), start it,
+    run `scenario`, then shut it down."""
+    root = tmp_path / "state"
+    init_state(root)
+    layout = state.Layout(root)
+    session = state.unlock(layout, PASSPHRASE)
+    ipfs = IPFS(api, timeout=5)
+    fs = Filesystem(
+        session.manifest,
+        session.owner,
+        Reader(ipfs, SegmentCache(16 << 20)),
+        Staging(layout.staging, 64 << 20),
+        pending=PendingStore(layout.staging, pending_key(session.manifest_key)),
+        retry_interval=0.2,
+    )
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fs.start(nursery)
+            await scenario(fs)
+            assert await fs.shutdown() == []
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        session.manifest.close()
+        ipfs.close()
+
+
+async def closed_while_the_node_is_down(fs: Filesystem, node: EmbeddedNode, data: bytes) -> int:
+    """A new file closed while the node is stopped: its version waits in the staging area,
+    the upload round has failed, and opens for reading are served from the staging copy."""
+    await trio.to_thread.run_sync(node.stop)
+    info, attrs = await fs.create(pyfuse3.ROOT_INODE, b"note.txt", 0o600, os.O_WRONLY, CTX)
+    await fs.write(info.fh, 0, data)
+    await fs.flush(info.fh)
+    await fs.release(info.fh)
+    await fs.settle()  # returns once the round failed
+    assert fs._round_error is not None and attrs.st_ino in fs._pending
+    return attrs.st_ino
+
+
+def test_a_read_sent_to_a_staging_copy_as_its_version_is_uploaded_gets_its_bytes(
+    tmp_path: Path,
+) -> None:
+    node, api = _fixed_port_node(tmp_path / "node")
+    data = os.urandom(200_000)  # four segments, all in one range
+
+    async def scenario(fs: Filesystem) -> None:
+        ino = await closed_while_the_node_is_down(fs, node, data)
+        reading = await fs.open(ino, os.O_RDONLY, CTX)
+        await trio.to_thread.run_sync(node.ensure_running)
+        real_read = fs.reader.read
+        sent_to: list[Version] = []
+
+        async def upload_lands_first(v: Version, off: int, size: int, ahead: int = 0) -> bytes:
+            # The version is chosen; before its staging copy is opened, the node is back,
+            # the retry uploads and commits the version, and its copy goes.
+            sent_to.append(v)
+            if len(sent_to) == 1:
+                await fs.settle()
+                assert v.local is not None and not v.local.exists()
+            return await real_read(v, off, size, ahead)
+
+        fs.reader.read = upload_lands_first  # type: ignore[method-assign]
+        assert await fs.read(reading.fh, 0, 1 << 20) == data
+        committed = fs.manifest.get(ino)
+        assert committed is not None and committed.cid is not None
+        assert sent_to[0].local is not None  # the race did happen: the first try went local
+        assert sent_to[1].local is None and sent_to[1].cid == committed.cid
+        await fs.release(reading.fh)
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
+def test_a_read_whose_staging_copy_is_gone_for_good_fails_with_eio(tmp_path: Path) -> None:
+    node, api = _fixed_port_node(tmp_path / "node")
+
+    async def scenario(fs: Filesystem) -> None:
+        ino = await closed_while_the_node_is_down(fs, node, b"x" * 3000)
+        record = fs._pending[ino]
+        # Removed behind the daemon's back: the version stays the current one, and asking
+        # again would find the same version. The read fails instead of looping.
+        record.spool.unlink()
+        reading = await fs.open(ino, os.O_RDONLY, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await fs.read(reading.fh, 0, 4096)
+        assert failed.value.errno == errno.EIO
+        assert fs._pending.get(ino) is record
+        await fs.release(reading.fh)
+        await fs.unlink(pyfuse3.ROOT_INODE, b"note.txt", CTX)
+        await fs.forget([(ino, 1)])  # the kernel's reference from the create: now it is freed
+        assert ino not in fs._pending  # and nothing is left that would wait for the node
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
+def test_a_read_ahead_that_finds_its_staging_copy_gone_is_dropped_quietly(
+    tmp_path: Path, ipfs: IPFS
+) -> None:
+    sealed = seal_small(tmp_path, os.urandom(300_000))
+    local = Version("spool:x", sealed.key, sealed.salt, sealed.size, local=sealed.spool)
+    reader = Reader(ipfs, SegmentCache(16 << 20))
+    sealed.spool.unlink()  # uploaded meanwhile
+
+    async def main() -> None:
+        await reader.prefetch(local, 0, 3)  # in a mount, an error here ended the nursery
+
+    trio.run(main)
+    assert reader.cache.get("spool:x", 0) is None
+    with pytest.raises(StagedCopyGone):
+        reader.read_sync(local, 0, 100)
