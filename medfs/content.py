@@ -763,9 +763,14 @@ class Draft:
             if size == self.size:
                 return
             self.dirty = True
-            if self._in_memory and size == 0:
-                self.size = 0
+            if size == 0 and self._stream is None:
+                # Nothing of the old content stays: the file starts over as a new one, held
+                # in memory while small and committed in a group (`cp` onto an existing file).
+                self.size = self.base_visible = 0
                 self._small = bytearray()
+                if self._staged is not None:
+                    self._staged.close()
+                    self._staged = None
                 return
             await self._to_overlay()
             await trio.to_thread.run_sync(self._truncate_sync, size)

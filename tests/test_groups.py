@@ -79,6 +79,40 @@ def test_a_copied_tree_is_committed_in_groups_and_each_group_pinned_once(
         assert m.medfs("verify").returncode == 0
 
 
+def test_a_tree_copied_over_an_existing_one_is_committed_in_groups_too(
+    tmp_path: Path, kubo_api: str
+) -> None:
+    src = tmp_path / "src"
+    files = make_tree(src, 30)
+    ipfs = IPFS(kubo_api)
+    with mounted(tmp_path, kubo_api) as m:
+        subprocess.run(["cp", "-r", str(src), str(m.mnt / "tree")], check=True)
+        fsync_dir(m.mnt / "tree")
+        for name in files:  # new content, the same names: cp opens each with O_TRUNC
+            files[name] = os.urandom(len(files[name]) // 2 + 10)
+            (src / name).write_bytes(files[name])
+        pins_before = ipfs.pins()
+        subprocess.run(["cp", "-r", f"{src}/.", str(m.mnt / "tree")], check=True)
+        fsync_dir(m.mnt / "tree")
+        cids = {info(m.mnt / "tree" / name)["cid"] for name in files}
+        new_pins = ipfs.pins() - pins_before
+        assert 1 <= len(new_pins) < len(files)
+        assert not new_pins & cids, "a rewritten small file was uploaded and pinned on its own"
+        for name, data in files.items():
+            assert (m.mnt / "tree" / name).read_bytes() == data
+        # A truncation to nothing, then a write past a hole: zeros, then the data.
+        path = m.mnt / "tree" / sorted(files)[0]
+        with open(path, "r+b") as fh:
+            fh.truncate(0)
+            assert fh.read() == b""
+            fh.seek(70_000)
+            fh.write(b"tail")
+        assert path.read_bytes() == bytes(70_000) + b"tail"
+    with mounted(tmp_path, kubo_api) as m:
+        assert (m.mnt / "tree" / sorted(files)[0]).read_bytes() == bytes(70_000) + b"tail"
+        assert (m.mnt / "tree" / sorted(files)[1]).read_bytes() == files[sorted(files)[1]]
+
+
 def test_fsync_of_a_small_file_returns_once_it_is_committed(tmp_path: Path, kubo_api: str) -> None:
     with mounted(tmp_path, kubo_api) as m:
         fd = os.open(m.mnt / "note.txt", os.O_WRONLY | os.O_CREAT, 0o600)
