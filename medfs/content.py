@@ -295,14 +295,22 @@ class Reader:
         return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
 
     async def prefetch(self, v: Version, first: int, last: int) -> None:
-        """Fetch segments among first..last in the background (a sequential reader will want
-        them), skipping what is cached or already on its way: one window of at most
-        PREFETCH_WINDOW segments per call, at most PREFETCH_PARALLEL calls fetching at once.
-        Errors are left for the read to meet."""
+        """Fetch segments among first..last (a sequential reader will want them); see
+        `claim_ahead`. Errors are left for the read to meet."""
+        ahead = self.claim_ahead(v, first, last)
+        if ahead is not None:
+            await self.fetch_ahead(ahead)
+
+    def claim_ahead(self, v: Version, first: int, last: int) -> Ahead | None:
+        """The window among first..last worth fetching in the background, skipping what is
+        cached or already on its way: at most PREFETCH_WINDOW segments, while fewer than
+        PREFETCH_PARALLEL fetches run. None when there is nothing to do, which is most calls:
+        deciding here, on the caller's thread, spares it starting a task for nothing. A
+        claimed window must be passed to `fetch_ahead`, which releases it."""
         count = layout.segment_count(v.size)
         last = min(last, count - 1)
         if self._prefetching >= PREFETCH_PARALLEL:
-            return
+            return None
         # Every read of a sequential reader asks again; start past what earlier calls took on
         # rather than look up each of the (up to 256) segments in between every time. A mark
         # far beyond this window is from another pass (the reader went back): not trusted.
@@ -313,7 +321,7 @@ class Reader:
         ):
             start += 1
         if start > last:
-            return
+            return None
         stop = start
         while (
             stop + 1 <= last
@@ -327,7 +335,7 @@ class Reader:
         ):
             # Only a sliver fits before the end of the reader's window: wait, and fetch a
             # whole window later (every round trip to the node costs about the same).
-            return
+            return None
         event = trio.Event()
         for index in range(start, stop + 1):
             self._inflight[(v.cid, index)] = event
@@ -336,6 +344,10 @@ class Reader:
         while len(self._claimed) > CLAIMS_KEPT:
             del self._claimed[next(iter(self._claimed))]
         self._prefetching += 1
+        return Ahead(v, start, stop, event)
+
+    async def fetch_ahead(self, ahead: Ahead) -> None:
+        v, start, stop = ahead.version, ahead.start, ahead.stop
         try:
             await trio.to_thread.run_sync(self.segments, v, start, stop)
         except (ContentError, OSError):
@@ -343,9 +355,19 @@ class Reader:
         finally:
             self._prefetching -= 1
             for index in range(start, stop + 1):
-                if self._inflight.get((v.cid, index)) is event:
+                if self._inflight.get((v.cid, index)) is ahead.event:
                     del self._inflight[(v.cid, index)]
-            event.set()
+            ahead.event.set()
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A window of segments claimed for a background fetch (`Reader.claim_ahead`)."""
+
+    version: Version
+    start: int
+    stop: int
+    event: trio.Event
 
 
 class Staging:

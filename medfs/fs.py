@@ -220,6 +220,10 @@ class Filesystem(pyfuse3.Operations):
         self._next_fh = itertools.count(1)
         self._drafts: dict[int, Draft] = {}
         self._versions: dict[int, Version] = {}
+        # Inodes whose `_versions` entry was checked against the manifest since another
+        # process last committed to it (its data_version then).
+        self._checked: set[int] = set()
+        self._data_version = -1
         self._unlinked: set[int] = set()
         self._paths: dict[int, str] = {}  # see _path; cleared by every rename and unlink
         self._last_open_cid: dict[int, str | None] = {}
@@ -589,6 +593,22 @@ class Filesystem(pyfuse3.Operations):
         self._versions[inode.ino] = version
         return version
 
+    def _read_version(self, ino: int) -> Version | None:
+        """`_version` for the read path, which asks it for every request of every reader: the
+        manifest is queried only after another process committed (a revoke re-keys files) or
+        for a file not looked at since. This mount's own commits keep `_versions` current."""
+        seen = self.manifest.data_version()
+        if seen != self._data_version:
+            self._data_version = seen
+            self._checked.clear()
+        if ino in self._checked and ino not in self._pending:
+            cached = self._versions.get(ino)
+            if cached is not None:
+                return cached
+        version = self._version(self._inode(ino))
+        self._checked.add(ino)
+        return version
+
     def _draft(self, inode: Inode) -> Draft:
         draft = self._drafts.get(inode.ino)
         if draft is None:
@@ -693,6 +713,7 @@ class Filesystem(pyfuse3.Operations):
         unpin = self.manifest.release(current) if current is not None else None
         self.manifest.delete_inode(ino)
         self._versions.pop(ino, None)
+        self._checked.discard(ino)
         draft = self._drafts.pop(ino, None)
         garbage = draft.take_garbage() if draft else []
         if draft is not None:
@@ -1057,7 +1078,7 @@ class Filesystem(pyfuse3.Operations):
         draft = self._drafts.get(handle.ino)
         if draft is not None:
             return await draft.read(off, size)
-        version = self._version(self._inode(handle.ino))
+        version = self._read_version(handle.ino)
         ahead = handle.plan_read(off, size)
         while True:
             if version is None:
@@ -1080,7 +1101,9 @@ class Filesystem(pyfuse3.Operations):
             # Keep the next window coming while this one is read: fetch and decrypt overlap
             # with the reader instead of stalling it at every window boundary.
             at = (off + len(data)) // SEG
-            self._nursery.start_soon(self.reader.prefetch, version, at + 1, at + 2 * handle.ahead)
+            window = self.reader.claim_ahead(version, at + 1, at + 2 * handle.ahead)
+            if window is not None:
+                self._nursery.start_soon(self.reader.fetch_ahead, window)
         return data
 
     @_op

@@ -572,6 +572,12 @@ class Manifest:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def data_version(self) -> int:
+        """A number that changes when another connection (another process: a revoke) has
+        committed since the last call; this connection's own commits leave it. Cheaper than
+        any query, so a caller can keep what it read until it changes."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
     def get(self, ino: int) -> Inode | None:
         row = self._conn.execute(_GET, (ino,)).fetchone()
         return None if row is None else _inode(row)

@@ -1068,3 +1068,17 @@ def test_a_version_committed_again_moves_to_its_new_group(m):
     assert m.commit_group([version(b.ino, "b1")], "g3") == ["g1"]  # now g1 keeps nothing
     assert m.commit_group([version(b.ino, "b1")], "g3") == []  # the same group again
     assert m.pin_groups() == {"g2", "g3"}
+
+
+def test_data_version_moves_only_for_commits_of_another_connection(m, db_path):
+    other = reopen(db_path)
+    try:
+        before = m.data_version()
+        mkfile(m, ROOT_INODE, b"own.txt")  # this connection's own commit
+        assert m.data_version() == before
+        mkfile(other, ROOT_INODE, b"theirs.txt")
+        moved = m.data_version()
+        assert moved != before
+        assert m.data_version() == moved  # until the next commit elsewhere
+    finally:
+        other.close()

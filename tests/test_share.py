@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -327,3 +328,38 @@ def _fingerprint_of(pub: Path) -> str:
     out = run_medfs("id", str(pub), "--json")
     assert out.returncode == 0, out.stderr
     return str(json.loads(out.stdout)["fingerprint"])
+
+
+def test_a_file_held_open_reads_the_version_a_revoke_made_meanwhile(tmp_path: Path) -> None:
+    """The mount keeps each file's version between reads; a revoke (another process)
+    re-encrypts the file and drops the old object. Reads must follow, even on a
+    descriptor opened before, once the old object's blocks are gone from the node."""
+    node = EmbeddedNode(tmp_path / "node")  # its own node: the test collects its garbage
+    api = node.ensure_running()
+    out = run_medfs("keygen", "--out", str(tmp_path / "bob"), env={"MEDFS_PASSPHRASE": "x"})
+    assert out.returncode == 0, out.stderr
+    data = os.urandom(4 << 20)  # streamed, 64 segments: a read fetches only its own
+    try:
+        with mounted(tmp_path / "alice", api, "--timeout", "3") as alice:
+            path = alice.mnt / "scan.bin"
+            path.write_bytes(data)
+            out = share(alice, str(path), "--to", str(tmp_path / "bob.pub"),
+                        "--out", str(tmp_path / "m"))  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            old = os.getxattr(path, "user.medfs.cid").decode()
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+                assert os.preadv(fd, [buf], 0) == 4096 and buf[:] == data[:4096]
+                out = alice.medfs("revoke", str(path), "--from", str(tmp_path / "bob.pub"))
+                assert out.returncode == 0, out.stderr
+                assert os.getxattr(path, "user.medfs.cid").decode() != old
+                assert IPFS(api).gc() > 0  # the old version's blocks are gone
+                for off in (3 << 20, 1 << 20):
+                    assert os.preadv(fd, [buf], off) == 4096
+                    assert buf[:] == data[off : off + 4096]
+            finally:
+                os.close(fd)
+            assert path.read_bytes() == data
+    finally:
+        node.stop()
