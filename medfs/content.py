@@ -296,19 +296,13 @@ class Reader:
             await event.wait()  # a prefetch is bringing it
         return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
 
-    async def prefetch(self, v: Version, first: int, last: int) -> None:
-        """Fetch segments among first..last (a sequential reader will want them); see
-        `claim_ahead`. Errors are left for the read to meet."""
-        ahead = self.claim_ahead(v, first, last)
-        if ahead is not None:
-            await self.fetch_ahead(ahead)
-
     def claim_ahead(self, v: Version, first: int, last: int) -> Ahead | None:
         """The window among first..last worth fetching in the background, skipping what is
         cached or already on its way: at most PREFETCH_WINDOW segments, while fewer than
         PREFETCH_PARALLEL fetches run. None when there is nothing to do, which is most calls:
         deciding here, on the caller's thread, spares it starting a task for nothing. A
-        claimed window must be passed to `fetch_ahead`, which releases it."""
+        claimed window must be passed to `fetch_ahead`, which releases it. Errors are left
+        for the reads to meet."""
         count = layout.segment_count(v.size)
         last = min(last, count - 1)
         if self._prefetching >= PREFETCH_PARALLEL:
@@ -353,7 +347,7 @@ class Reader:
         try:
             await trio.to_thread.run_sync(self.segments, v, start, stop)
         except (ContentError, OSError):
-            pass  # a background task must not take the filesystem down: the read will see
+            pass  # must not end the filesystem's nursery: a read of it meets the error
         finally:
             self._prefetching -= 1
             for index in range(start, stop + 1):

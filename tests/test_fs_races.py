@@ -152,9 +152,12 @@ def test_a_read_ahead_that_finds_its_staging_copy_gone_is_dropped_quietly(
     sealed.spool.unlink()  # uploaded meanwhile
 
     async def main() -> None:
-        await reader.prefetch(local, 0, 3)  # in a mount, an error here ended the nursery
+        window = reader.claim_ahead(local, 0, 3)
+        assert window is not None
+        await reader.fetch_ahead(window)  # in a mount, an error here ended the nursery
+        # The window is released: a read does not wait for it, it meets the error itself.
+        with trio.fail_after(10), pytest.raises(StagedCopyGone):
+            await reader.read(local, 0, 100)
 
     trio.run(main)
     assert reader.cache.get("spool:x", 0) is None
-    with pytest.raises(StagedCopyGone):
-        reader.read_sync(local, 0, 100)
