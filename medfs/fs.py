@@ -1089,7 +1089,7 @@ class Filesystem(pyfuse3.Operations):
             except StagedCopyGone:
                 # Uploaded while this read went to its staging copy: the version now
                 # committed has the same bytes. Asked again only if it did change.
-                current = self._version(self._inode(handle.ino))
+                current = self._read_version(handle.ino)
                 if current == version:
                     raise
                 version = current
