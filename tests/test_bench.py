@@ -8,8 +8,10 @@ numbers, and that the run left no mount, node or temporary directory behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -85,11 +87,17 @@ def test_quick_bench_runs_to_completion(tmp_path: Path) -> None:
     (segments,) = [r for r in by_section["random"] if r["unit"] == "segments"]
     histogram = segments["details"]["histogram"]  # type: ignore[index]
     assert sum(histogram.values()) == result["sizes"]["random_reads"]
-    # The tree row compares medians of rounds taken in turn, each round's time kept.
+    # The big write and the tree compare medians of rounds taken in turn, each round kept.
     tree = by_section["tree"][0]
     rounds = tree["details"]["rounds"]  # type: ignore[index]
     assert len(rounds["cp_s"]) == len(rounds["add_s"]) == result["sizes"]["tree_rounds"]
     assert tree["value"] in rounds["cp_s"] and tree["baseline_value"] in rounds["add_s"]
+    write = by_section["mount"][0]
+    rounds = write["details"]["rounds"]  # type: ignore[index]
+    assert len(rounds["cp_s"]) == len(rounds["add_s"]) == result["sizes"]["big_rounds"]
+    mib = result["sizes"]["big"] / (1 << 20)
+    assert math.isclose(write["value"], mib / statistics.median(rounds["cp_s"]))
+    assert math.isclose(write["baseline_value"], mib / statistics.median(rounds["add_s"]))
     # Nothing left behind: no mount, no daemon, no temporary directory.
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(work) not in mounts
