@@ -489,9 +489,9 @@ class Spool:
             self.path.unlink()
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+def _unlink_all(paths: Iterable[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 class _SealFailed(Exception):
@@ -831,9 +831,7 @@ class Draft:
                 sealed = await trio.to_thread.run_sync(job.finish_sync)
             if sealed.cid is not None:
                 self.base = Version(sealed.cid, sealed.key, sealed.salt, sealed.size)
-                # A big file's copy: dropping a GiB of it from the page cache takes ~0.08 s
-                # here, which no request to the mount should wait behind.
-                await trio.to_thread.run_sync(_unlink, sealed.spool)
+                self._garbage_spools.append(sealed.spool)  # uploaded: its copy can go
             else:
                 self.base = Version(f"spool:{sealed.spool.name}", sealed.key, sealed.salt,
                                     sealed.size, local=sealed.spool)  # fmt: skip
@@ -842,10 +840,11 @@ class Draft:
                 self._staged.close()
                 self._staged = None
             self.dirty = False
-            for spool in self._garbage_spools:
-                with contextlib.suppress(FileNotFoundError):
-                    spool.unlink()
-            self._garbage_spools = []
+            garbage, self._garbage_spools = self._garbage_spools, []
+            if garbage:
+                # Big files' copies: dropping a GiB of one from the page cache takes ~0.08 s
+                # here, which no request to the mount should wait behind.
+                await trio.to_thread.run_sync(_unlink_all, garbage)
             return sealed
 
     def rebase(self, old: Path, new: Version) -> None:
@@ -892,9 +891,7 @@ class Draft:
         if self._staged is not None:
             self._staged.close()
             self._staged = None
-        for spool in self._garbage_spools:
-            with contextlib.suppress(FileNotFoundError):
-                spool.unlink()
+        _unlink_all(self._garbage_spools)
         self._garbage_spools = []
 
 

@@ -179,6 +179,32 @@ def test_append_overwrite_truncate_sparse(mnt: Mounted) -> None:
     assert data[-3:] == b"end" and data.count(0) == len(data) - 14
 
 
+def _settle(mnt: Mounted) -> None:
+    """fsync of a directory returns once every version closed before it is committed."""
+    fd = os.open(mnt.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_big_versions_leave_no_copy_in_the_staging_area(mnt: Mounted) -> None:
+    # A streamed file's copy goes once it is uploaded; so does the copy an in-place edit
+    # kept as its overlay's base, once the edit is committed in turn.
+    staging = mnt.state / "staging"
+    data = os.urandom(3 * MiB)
+    (mnt.mnt / "streamed.bin").write_bytes(data)
+    with open(mnt.mnt / "edited.bin", "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        fh.seek(100)
+        fh.write(b"edit")
+    _settle(mnt)
+    assert list(staging.glob("*.obj")) == []
+    assert (mnt.mnt / "streamed.bin").read_bytes() == data
+    assert (mnt.mnt / "edited.bin").read_bytes() == data[:100] + b"edit" + data[104:]
+
+
 def test_editor_style_save_and_empty_files(mnt: Mounted) -> None:
     doc = mnt.mnt / "note.md"
     doc.write_bytes(b"version 1\n")
