@@ -91,6 +91,16 @@ def mounted(root: Path, api: str, *extra: str) -> Iterator[Mounted]:
         m.force_cleanup()
 
 
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: in a mount, it returns once every version closed before it is
+    committed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def files_containing(root: Path, needle: bytes) -> list[Path]:
     hits = []
     for path in root.rglob("*"):

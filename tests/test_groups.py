@@ -13,7 +13,7 @@ import pytest
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
-from tests.mounting import Mounted, init_state, mounted
+from tests.mounting import Mounted, fsync_dir, init_state, mounted
 from tests.test_reliability import kill
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -25,14 +25,6 @@ def stats(m: Mounted) -> dict[str, int]:
 
 def info(path: Path) -> dict[str, object]:
     return dict(json.loads(os.getxattr(path, "user.medfs.info")))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_tree(root: Path, count: int) -> dict[str, bytes]:

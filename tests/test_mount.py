@@ -18,7 +18,15 @@ import pytest
 
 from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
-from tests.mounting import MARKER, PASSPHRASE, Mounted, files_containing, init_state, mounted
+from tests.mounting import (
+    MARKER,
+    PASSPHRASE,
+    Mounted,
+    files_containing,
+    fsync_dir,
+    init_state,
+    mounted,
+)
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -179,15 +187,6 @@ def test_append_overwrite_truncate_sparse(mnt: Mounted) -> None:
     assert data[-3:] == b"end" and data.count(0) == len(data) - 14
 
 
-def _settle(mnt: Mounted) -> None:
-    """fsync of a directory returns once every version closed before it is committed."""
-    fd = os.open(mnt.mnt, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_big_versions_leave_no_copy_in_the_staging_area(mnt: Mounted) -> None:
     # A streamed file's copy goes once it is uploaded; so does the copy an in-place edit
     # kept as its overlay's base, once the edit is committed in turn.
@@ -199,7 +198,7 @@ def test_big_versions_leave_no_copy_in_the_staging_area(mnt: Mounted) -> None:
         fh.flush()
         fh.seek(100)
         fh.write(b"edit")
-    _settle(mnt)
+    fsync_dir(mnt.mnt)  # returns once every version closed before it is committed
     assert list(staging.glob("*.obj")) == []
     assert (mnt.mnt / "streamed.bin").read_bytes() == data
     assert (mnt.mnt / "edited.bin").read_bytes() == data[:100] + b"edit" + data[104:]
