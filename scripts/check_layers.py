@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 LAYERS: list[set[str]] = [
-    {"errors", "paths", "durable", "forked"},
+    {"errors", "paths", "durable", "forked", "copies"},
     {"layout", "ipfs", "manifest", "control"},
     {"format", "kubo"},
     {"recipients", "content"},
