@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medfs import durable, format, layout
+from medfs.copies import LocalCopies
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.ipfs import IPFS
 
@@ -180,17 +181,20 @@ class SegmentCache:
 
 
 class Reader:
-    """Reads of committed versions through the segment cache."""
+    """Reads of committed versions through the segment cache, from the version's local copy
+    if there is one, else from the node."""
 
-    def __init__(self, ipfs: IPFS, cache: SegmentCache) -> None:
+    def __init__(self, ipfs: IPFS, cache: SegmentCache, copies: LocalCopies | None = None) -> None:
         self.ipfs = ipfs
         self.cache = cache
+        self.copies = copies
         # Segments being fetched in the background, so a read waits instead of fetching twice.
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self._prefetching = 0  # background fetches running (touched on the trio thread only)
         # The last segment a background fetch took on, per object (most recent last).
         self._claimed: dict[str, int] = {}
-        # What was fetched from the node: for benchmarks and `user.medfs.stats`.
+        # Range reads (from a copy or the node) and the segments they took: for benchmarks and
+        # `user.medfs.stats`, which also has how many of them a copy served.
         self.fetches = 0
         self.segments_fetched = 0
 
@@ -238,28 +242,43 @@ class Reader:
         return [fetched[i] if i in fetched else self._must(v, i) for i in range(first, last + 1)]
 
     def _decrypt(self, v: Version, first: int, last: int) -> dict[int, bytes]:
-        """Segments first..last from one range request, decrypted one by one straight from
-        the received buffer: no joined plaintext to cut up again, no copy of the ciphertext."""
-        size = layout.ciphertext_size(v.size)
+        """Segments first..last from one range read, decrypted one by one straight from the
+        received buffer: no joined plaintext to cut up again, no copy of the ciphertext."""
         where = layout.span(v.size, first * SEG, (last - first + 1) * SEG)
         if where is None:
             return {}
-        base = where.ciphertext_offset
+        base, length = where.ciphertext_offset, where.ciphertext_length
         if v.local is not None:
-            data: bytes | bytearray = _read_staged(v.local, base, where.ciphertext_length)
-        else:
-            data = self.ipfs.cat_buffer(v.cid, base, where.ciphertext_length)
+            return self._open(v, _read_staged(v.local, base, length), base, length, first, last)
+        if self.copies is not None:
+            kept = self.copies.read(v.cid, base, length)
+            if kept is not None:
+                try:
+                    return self._open(v, kept, base, length, first, last)
+                except FormatError:
+                    # Torn by a crash or changed on disk: the node has the object intact.
+                    self.copies.drop(v.cid, failed=True)
+        data = self.ipfs.cat_buffer(v.cid, base, length)
+        return self._open(v, data, base, length, first, last)
+
+    @staticmethod
+    def _open(
+        v: Version, data: bytes | bytearray, base: int, length: int, first: int, last: int
+    ) -> dict[int, bytes]:
+        """Decrypt segments first..last from `data`, the `length` bytes of ciphertext from
+        offset `base`."""
         view = memoryview(data)
 
-        def fetch(offset: int, length: int) -> bytes:
+        def fetch(at: int, n: int) -> bytes:
             # A view, not bytes: ObjectReader only measures it and decrypts from it.
-            return cast(bytes, view[offset - base : offset - base + length])
+            return cast(bytes, view[at - base : at - base + n])
 
-        if len(data) != where.ciphertext_length:
+        if len(data) != length:
             raise FormatError(
-                f"encrypted object does not match its stated size (asked for "
-                f"{where.ciphertext_length} bytes at {base}, got {len(data)})"
+                f"encrypted object does not match its stated size (asked for {length} bytes "
+                f"at {base}, got {len(data)})"
             )
+        size = layout.ciphertext_size(v.size)
         reader = format.ObjectReader(v.key, fetch, size, header=format.Header(v.salt))
         return {index: reader.read(index * SEG, SEG) for index in range(first, last + 1)}
 
@@ -829,9 +848,11 @@ class Draft:
                     self.reader.ipfs, self.staging.directory, self._blocks_for_upload()
                 )
                 sealed = await trio.to_thread.run_sync(job.finish_sync)
+            kept: tuple[Path, str, int] | None = None
             if sealed.cid is not None:
                 self.base = Version(sealed.cid, sealed.key, sealed.salt, sealed.size)
-                self._garbage_spools.append(sealed.spool)  # uploaded: its copy can go
+                # Uploaded: its spool becomes the version's local copy, or goes.
+                kept = (sealed.spool, sealed.cid, layout.ciphertext_size(sealed.size))
             else:
                 self.base = Version(f"spool:{sealed.spool.name}", sealed.key, sealed.salt,
                                     sealed.size, local=sealed.spool)  # fmt: skip
@@ -841,11 +862,22 @@ class Draft:
                 self._staged = None
             self.dirty = False
             garbage, self._garbage_spools = self._garbage_spools, []
-            if garbage:
-                # Big files' copies: dropping a GiB of one from the page cache takes ~0.08 s
+            if garbage or kept:
+                # Big files' spools: dropping a GiB of one from the page cache takes ~0.08 s
                 # here, which no request to the mount should wait behind.
-                await trio.to_thread.run_sync(_unlink_all, garbage)
+                await trio.to_thread.run_sync(self._settle, kept, garbage)
             return sealed
+
+    def _settle(self, kept: tuple[Path, str, int] | None, garbage: list[Path]) -> None:
+        copies = self.reader.copies
+        if kept is not None:
+            spool, cid, size = kept
+            if copies is not None and copies.keep(spool, cid, size):
+                if copies.over_limit:
+                    copies.trim()
+            else:
+                garbage.append(spool)
+        _unlink_all(garbage)
 
     def rebase(self, old: Path, new: Version) -> None:
         """The pending object `old` was uploaded as `new` (same key and bytes)."""

@@ -50,7 +50,7 @@ from medfs.content import (
 )
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.identity import Identity, PublicIdentity
-from medfs.layout import SEGMENT_SIZE
+from medfs.layout import SEGMENT_SIZE, ciphertext_size
 from medfs.manifest import Inode, Manifest, NewVersion
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ class Filesystem(pyfuse3.Operations):
         self._paths: dict[int, str] = {}  # see _path; cleared by every rename and unlink
         self._last_open_cid: dict[int, str | None] = {}
         self._garbage: list[str] = []
+        self._stale_copies: list[str] = []  # CIDs no longer anyone's version here
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle (called by medfs.mount) ------------------------------------------------------
@@ -423,6 +424,7 @@ class Filesystem(pyfuse3.Operations):
         """Commit the versions one group upload carried, those still current, at once."""
         assert self.pending_store is not None
         live: list[tuple[PendingRecord, str, bytes]] = []  # with the entry id wraps bind to
+        replaced: dict[int, str | None] = {}  # each file's CID before this commit
         for record, cid in uploaded:
             if not self._committable(record):
                 continue
@@ -432,6 +434,7 @@ class Filesystem(pyfuse3.Operations):
                 self.pending_store.remove(record)
                 continue
             live.append((record, cid, inode.entry_id))
+            replaced[record.ino] = inode.cid
         jobs = [(self._recipients(r.ino), entry_id, r.key, r.salt) for r, _, entry_id in live]
         wraps = await trio.to_thread.run_sync(self._wrap_group, jobs)
         # Back on the trio thread: a save that superseded one of them meanwhile wins.
@@ -449,6 +452,7 @@ class Filesystem(pyfuse3.Operations):
             return
         unpin = self.manifest.commit_group(versions, group)
         committed = {v.ino: v.cid for v in versions}
+        self._drop_copies_later([c for ino in committed if (c := replaced[ino]) is not None])
         for record, cid, _ in live:
             if committed.get(record.ino) == cid:
                 self._versions[record.ino] = Version(cid, record.key, record.salt, record.size)
@@ -482,7 +486,15 @@ class Filesystem(pyfuse3.Operations):
                 draft.rebase(record.spool, Version(cid, record.key, record.salt, record.size))
         if self._pending.get(record.ino) is record:
             del self._pending[record.ino]
-        self.pending_store.remove(record)
+        # No await from the check to the keep: a commit that replaced this version since
+        # has already listed its CID as stale, and its copy would never be dropped.
+        current = self._versions.get(record.ino)
+        copies = self.reader.copies
+        still = current is not None and current.cid == cid
+        if not (still and copies and copies.keep(record.spool, cid, ciphertext_size(record.size))):
+            self.pending_store.remove(record)
+        elif copies.over_limit and self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, copies.trim)
 
     async def _wait_committed(self, inos: set[int] | None) -> None:
         """Until the versions waiting for `inos` (None: all) are committed, or an upload
@@ -668,6 +680,7 @@ class Filesystem(pyfuse3.Operations):
     ) -> None:
         """Make an uploaded object the file's version: wraps, manifest, audit, old unpinned."""
         inode = self._inode(ino)
+        previous = inode.cid
         to = self._recipients(ino)  # the manifest is read on this thread only
         wraps = await trio.to_thread.run_sync(self._wrap_all, to, inode.entry_id, key, salt)
         now = time.time_ns()
@@ -676,6 +689,8 @@ class Filesystem(pyfuse3.Operations):
             version_ns=now, wraps=wraps,
         )  # fmt: skip
         self._versions[ino] = Version(cid, key, salt, size)
+        if previous is not None and previous != cid:
+            self._drop_copies_later([previous])
         self.stats.commits += 1
         await self._record(
             "version", cid=cid, path=self._path(ino), size=size, recipients=sorted(wraps)
@@ -688,6 +703,15 @@ class Filesystem(pyfuse3.Operations):
         if self._garbage and self._nursery is not None:
             self._nursery.start_soon(trio.to_thread.run_sync, self._unpin_sync)
 
+    def _drop_copies_later(self, cids: Sequence[str]) -> None:
+        """Versions no longer current here: their local copies go (a group's member is
+        not unpinned on its own, so this is not the same list as the unpins)."""
+        if self.reader.copies is None:
+            return
+        self._stale_copies.extend(cids)
+        if self._stale_copies and self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._unpin_sync)
+
     def _unpin_sync(self) -> None:
         while self._garbage:
             cid = self._garbage.pop()
@@ -696,6 +720,9 @@ class Filesystem(pyfuse3.Operations):
             except IPFSError as err:
                 # Already unpinned, or the node is away: `medfs verify` reports orphan pins.
                 log.info("unpin %s: %s", cid, err.message)
+        copies = self.reader.copies
+        while copies is not None and self._stale_copies:
+            copies.drop(self._stale_copies.pop())
 
     def _maybe_free(self, ino: int) -> None:
         if ino in self._unlinked and not self._lookups.get(ino) and not self._open.get(ino):
@@ -721,6 +748,8 @@ class Filesystem(pyfuse3.Operations):
         if unpin is not None:
             garbage.append(unpin)
         self._discard_later(garbage)
+        if current is not None:
+            self._drop_copies_later([current])
 
     def _detach(self, inode: Inode) -> None:
         """An inode lost its name: free it now, or when the kernel and handles let go."""
@@ -1195,6 +1224,10 @@ class Filesystem(pyfuse3.Operations):
                 "fetches": self.reader.fetches,
                 "segments_fetched": self.reader.segments_fetched,
             }
+            copies = self.reader.copies
+            if copies is not None:  # how many of those fetches a local copy served
+                stats |= {"copy_reads": copies.reads, "copies_failed": copies.failed,
+                          "copies_bytes": copies.total}  # fmt: skip
             return json.dumps(stats).encode()
         raise _fail(pyfuse3.ENOATTR)
 

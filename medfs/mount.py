@@ -31,6 +31,7 @@ import trio
 from medfs import access, audit, backup, control, state
 from medfs.audit import AuditLog
 from medfs.content import PendingStore, Reader, SegmentCache, Staging, pending_key
+from medfs.copies import LocalCopies
 from medfs.errors import MedfsError, PassphraseError, UsageError
 from medfs.fs import Filesystem, Pending
 from medfs.identity import Identity, PublicIdentity
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CACHE_BYTES = 64 << 20
 STAGING_LIMIT = 8 << 30
+COPIES_LIMIT = 4 << 30
 READY_TIMEOUT = 120.0
 DEFAULT_READ_TIMEOUT = 10.0
 
@@ -90,6 +92,23 @@ def staging_limit() -> int:
     return value
 
 
+def copies_limit() -> int:
+    """How many bytes of local copies to keep: $MEDFS_COPIES_LIMIT (0: none), else
+    COPIES_LIMIT."""
+    raw = os.environ.get("MEDFS_COPIES_LIMIT")
+    if raw is None:
+        return COPIES_LIMIT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(
+            f"MEDFS_COPIES_LIMIT must be a number of bytes (0 keeps no local copies), not {raw!r}"
+        )
+    return value
+
+
 def fsname(layout: state.Layout) -> str:
     # The source column of /proc/mounts: lets `medfs umount MNT` find the state directory.
     return "medfs:" + str(layout.root).replace(",", "_")
@@ -121,10 +140,12 @@ def serve(
         )
         stack.callback(journal.close)
         staging = Staging(layout.staging, staging_limit())
+        copies = LocalCopies(layout.copies, copies_limit())
+        copies.retain(manifest.cids())  # versions replaced while no mount ran
         fs = Filesystem(
             manifest,
             owner,
-            Reader(ipfs, SegmentCache(CACHE_BYTES)),
+            Reader(ipfs, SegmentCache(CACHE_BYTES), copies),
             staging,
             read_only=options.read_only,
             statfs_path=str(layout.root),

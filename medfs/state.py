@@ -51,6 +51,10 @@ class Layout:
         return self.root / "staging"
 
     @property
+    def copies(self) -> Path:
+        return self.root / "copies"
+
+    @property
     def lock(self) -> Path:
         return self.root / "mount.lock"
 

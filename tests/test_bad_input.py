@@ -133,6 +133,14 @@ def test_flipped_bits_on_the_node(tmp_path: Path) -> None:
         block.write_bytes(bytes(raw))
         out = run_medfs("mount", str(m.mnt), env=m.env)
         assert out.returncode == 0, out.stderr
+        assert (m.mnt / "scan.dcm").read_bytes() == data  # from the intact local copy
+        out = run_medfs("verify", "--deep", "--json", env=m.env)
+        assert out.returncode == 14, out.stderr  # which does not hide the node's damage
+        assert "corrupt" in out.stdout
+        m.umount()
+        # Without local copies (deleted at this mount's start), reads meet the damage.
+        out = run_medfs("mount", str(m.mnt), env={**m.env, "MEDFS_COPIES_LIMIT": "0"})
+        assert out.returncode == 0, out.stderr
         with open(m.mnt / "scan.dcm", "rb") as fh:
             assert os.pread(fh.fileno(), 65536, 0) == data[:65536]  # segment 0 reads
             assert os.pread(fh.fileno(), 100, 3 * 65536) == data[3 * 65536 :]  # the last too

@@ -266,6 +266,16 @@ def test_a_hung_node_gives_eio_in_bounded_time_then_recovers(
         node_pid = own_node.pid()
         assert node_pid is not None
         os.kill(node_pid, signal.SIGSTOP)  # the node hangs: accepts, never answers
+        try:  # what has a local copy reads without the node
+            assert (m.mnt / "r.bin").read_bytes() == data
+        finally:
+            os.kill(node_pid, signal.SIGCONT)
+        m.umount()
+        # Without local copies (deleted at this mount's start), every read needs the node.
+        out = run_medfs("mount", str(m.mnt), "--timeout", "2",
+                        env={**m.env, "MEDFS_COPIES_LIMIT": "0"})  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        os.kill(node_pid, signal.SIGSTOP)
         try:
             reader = subprocess.run(
                 ["cat", str(m.mnt / "r.bin")], capture_output=True, timeout=120, check=False

@@ -163,6 +163,7 @@ def run_mount(args: argparse.Namespace) -> int:
         return _run_daemon(args)
     layout = state.Layout(state_dir(args.state))
     state.read_config(layout)
+    mount.staging_limit(), mount.copies_limit()  # a bad setting fails here, not in the daemon
     options = _mount_options(args.options)
     mountpoint = mount.check_mountpoint(Path(args.mountpoint))
     if args.manifest:
