@@ -22,8 +22,8 @@ from tests.conftest import REPO_ROOT
 # Rows each section reports, in order.
 EXPECTED = {
     "adapter": 2,
-    "mount": 3,
-    "random": 3,
+    "mount": 4,
+    "random": 5,
     "tree": 3,
     "rss": 2,
     "share": 2,
@@ -85,8 +85,9 @@ def test_quick_bench_runs_to_completion(tmp_path: Path) -> None:
         assert str(row["measure"]) in done.stdout
     # The random-read row counts what the mount fetched, read by read.
     (segments,) = [r for r in by_section["random"] if r["unit"] == "segments"]
-    histogram = segments["details"]["histogram"]  # type: ignore[index]
-    assert sum(histogram.values()) == result["sizes"]["random_reads"]
+    for name in ("histogram", "node_histogram"):  # reads from the local copy, then the node
+        histogram = segments["details"][name]  # type: ignore[index]
+        assert sum(histogram.values()) == result["sizes"]["random_reads"]
     # The big write and the tree compare medians of rounds taken in turn, each round kept.
     tree = by_section["tree"][0]
     rounds = tree["details"]["rounds"]  # type: ignore[index]
