@@ -1,9 +1,10 @@
 """Local copies of uploaded objects: reads come from the disk before they go to the node.
 
 An object is written to the staging area on its way to the node (content.Spool); once it is
-uploaded, that file is the same ciphertext the node holds. Deleting it and fetching the bytes
-back over the node's HTTP API costs a read three to five times what the local disk does, so it
-is kept here instead, as `<state>/copies/<cid>`, within a size limit, least recently used out
+uploaded, that file is the same ciphertext the node holds. Fetching those bytes back over
+the node's HTTP API is what bounds a read (a cold 1 GiB `cat` through a mount: 184-291 MiB/s
+from the node, 304-493 MiB/s from the local disk, docs/PERFORMANCE.md), so the file is kept
+here instead, as `<state>/copies/<cid>`, within a size limit, least recently used out
 first (docs/FORMAT.md §8).
 
 A copy is ciphertext only: no key, name or path. It is trusted no more than the node is:
