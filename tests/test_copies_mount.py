@@ -148,15 +148,18 @@ def test_a_limit_of_zero_keeps_none_and_removes_what_is_there(
 
 def test_a_bad_limit_is_refused_before_mounting(tmp_path: Path, kubo_api: str) -> None:
     with mounted(tmp_path / "m", kubo_api) as m:
+        (m.mnt / "kept").write_bytes(b"stored before")
         m.umount()
-        for bad in ("-1", "lots", "1.5"):
-            out = run_medfs("mount", str(m.mnt), "--api", m.api,
-                            env={**m.env, "MEDFS_COPIES_LIMIT": bad})  # fmt: skip
-            assert out.returncode == UsageError.exit_code, out.stderr
-            assert out.stderr.startswith("medfs: error: MEDFS_COPIES_LIMIT must be")
+        bad = [("MEDFS_COPIES_LIMIT", v) for v in ("-1", "lots", "1.5", "")]
+        bad += [("MEDFS_STAGING_LIMIT", v) for v in ("0", "-5", "8G")]
+        for name, value in bad:
+            out = run_medfs("mount", str(m.mnt), "--api", m.api, env={**m.env, name: value})
+            assert out.returncode == UsageError.exit_code, (name, value, out.stderr)
+            assert out.stderr.startswith(f"medfs: error: {name} must be"), out.stderr
             assert "Traceback" not in out.stderr
             assert not os.path.ismount(m.mnt)
         m.mount()
+        assert (m.mnt / "kept").read_bytes() == b"stored before"
 
 
 def test_a_mount_keeps_only_copies_of_versions_the_manifest_still_has(

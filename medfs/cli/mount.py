@@ -163,7 +163,9 @@ def run_mount(args: argparse.Namespace) -> int:
         return _run_daemon(args)
     layout = state.Layout(state_dir(args.state))
     state.read_config(layout)
-    mount.staging_limit(), mount.copies_limit()  # a bad setting fails here, not in the daemon
+    # A bad setting fails here, before the passphrase is asked for, not later in the daemon.
+    mount.staging_limit()
+    mount.copies_limit()
     options = _mount_options(args.options)
     mountpoint = mount.check_mountpoint(Path(args.mountpoint))
     if args.manifest:
