@@ -80,32 +80,30 @@ def check_mountpoint(path: Path) -> Path:
 
 def staging_limit() -> int:
     """The staging area's size limit: $MEDFS_STAGING_LIMIT bytes, else STAGING_LIMIT."""
-    raw = os.environ.get("MEDFS_STAGING_LIMIT")
-    if raw is None:
-        return STAGING_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UsageError(f"MEDFS_STAGING_LIMIT must be a positive number of bytes, not {raw!r}")
-    return value
+    return _bytes_setting(
+        "MEDFS_STAGING_LIMIT", STAGING_LIMIT, least=1, what="a positive number of bytes"
+    )
 
 
 def copies_limit() -> int:
     """How many bytes of local copies to keep: $MEDFS_COPIES_LIMIT (0: none), else
     COPIES_LIMIT."""
-    raw = os.environ.get("MEDFS_COPIES_LIMIT")
+    return _bytes_setting(
+        "MEDFS_COPIES_LIMIT", COPIES_LIMIT, least=0,
+        what="a number of bytes (0 keeps no local copies)",
+    )  # fmt: skip
+
+
+def _bytes_setting(name: str, default: int, *, least: int, what: str) -> int:
+    raw = os.environ.get(name)
     if raw is None:
-        return COPIES_LIMIT
+        return default
     try:
         value = int(raw)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise UsageError(
-            f"MEDFS_COPIES_LIMIT must be a number of bytes (0 keeps no local copies), not {raw!r}"
-        )
+        value = least - 1
+    if value < least:
+        raise UsageError(f"{name} must be {what}, not {raw!r}")
     return value
 
 

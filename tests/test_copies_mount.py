@@ -32,6 +32,14 @@ def copies(m: Mounted) -> set[str]:
     return {p.name for p in (m.state / "copies").iterdir()}
 
 
+def written_then_unmounted(m: Mounted, name: str, data: bytes) -> str:
+    """Write `name` and unmount: the CID of its version, whose copy is copies/CID."""
+    (m.mnt / name).write_bytes(data)
+    cid = cid_of(m.mnt / name)
+    m.umount()
+    return cid
+
+
 def mount_with(m: Mounted, **env: str) -> None:
     out = run_medfs("mount", str(m.mnt), "--api", m.api, env={**m.env, **env})
     assert out.returncode == 0, out.stderr
@@ -79,10 +87,7 @@ def test_a_damaged_copy_is_read_from_the_node_instead_and_dropped(
 ) -> None:
     data = os.urandom(3 * MiB)
     with mounted(tmp_path / "m", kubo_api) as m:
-        (m.mnt / "scan.bin").write_bytes(data)
-        cid = cid_of(m.mnt / "scan.bin")
-        m.umount()
-        path = m.state / "copies" / cid
+        path = m.state / "copies" / written_then_unmounted(m, "scan.bin", data)
         with open(path, "r+b") as fh:  # as a crash or a bad disk might leave it
             fh.seek(MiB + 12345)
             byte = fh.read(1)
@@ -167,9 +172,7 @@ def test_a_mount_keeps_only_copies_of_versions_the_manifest_still_has(
 ) -> None:
     data = os.urandom(2 * MiB)
     with mounted(tmp_path / "m", kubo_api) as m:
-        (m.mnt / "f").write_bytes(data)
-        cid = cid_of(m.mnt / "f")
-        m.umount()
+        cid = written_then_unmounted(m, "f", data)
         stale = m.state / "copies" / "bafkreistalestalestalestalestalestalestalestalestalestaleq"
         stale.write_bytes(b"a version replaced while no mount ran")
         (m.state / "copies" / "half-written.tmp").write_bytes(b"junk")
