@@ -23,6 +23,7 @@ from pathlib import Path
 
 from medfs import control, forked, format, layout, recipients, sharing, state
 from medfs.audit import AuditLog
+from medfs.copies import LocalCopies
 from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
@@ -265,10 +266,13 @@ def revoke(
     fingerprint: str,
     ipfs: IPFS,
     progress: Progress | None = None,
+    copies: LocalCopies | None = None,
 ) -> tuple[list[Reencrypted], set[str]]:
     """Remove `fingerprint`'s grants on `paths`; re-encrypt every file it could open there.
 
-    Returns the re-encrypted files and the remaining recipients who need a fresh manifest.
+    Old versions are read from their local copies where there are some, and those copies are
+    deleted once the new version is committed. Returns the re-encrypted files and the
+    remaining recipients who need a fresh manifest.
     """
     manifest = session.manifest
     tops = [_resolve(manifest, p) for p in paths]
@@ -297,7 +301,7 @@ def revoke(
                 continue  # still granted through another path
             if fingerprint not in manifest.wraps(inode.ino):
                 continue
-            result = _reencrypt(session, inode, ipfs, progress)
+            result = _reencrypt(session, inode, ipfs, progress, copies)
             if result is not None:
                 done.append(Reencrypted(rel or _name_of(manifest, top), *result))
             others.update(manifest.grantees(inode.ino))
@@ -314,21 +318,40 @@ def _still_readable_by(manifest: Manifest, top: Inode, fingerprint: str) -> bool
 
 
 def _reencrypt(
-    session: state.Session, inode: Inode, ipfs: IPFS, progress: Progress | None
+    session: state.Session,
+    inode: Inode,
+    ipfs: IPFS,
+    progress: Progress | None,
+    copies: LocalCopies | None,
 ) -> tuple[str, str, int] | None:
     manifest, owner = session.manifest, session.owner
-    assert inode.cid is not None and inode.salt is not None
+    old_cid, salt = inode.cid, inode.salt
+    assert old_cid is not None and salt is not None
     old_key = _content_key(owner, manifest, inode)
-    reader = format.ObjectReader(
-        old_key,
-        lambda offset, length: ipfs.cat(inode.cid or "", offset, length),
-        layout.ciphertext_size(inode.size),
-        header=format.Header(inode.salt),
-    )
+
+    def from_node(offset: int, length: int) -> bytes:
+        return ipfs.cat(old_cid, offset, length)
+
+    def from_copy(offset: int, length: int) -> bytes:
+        kept = copies.read(old_cid, offset, length) if copies is not None else None
+        return kept if kept is not None else from_node(offset, length)
+
+    def reader(fetch: Callable[[int, int], bytes]) -> format.ObjectReader:
+        return format.ObjectReader(
+            old_key, fetch, layout.ciphertext_size(inode.size), header=format.Header(salt)
+        )
 
     def plaintext() -> Iterator[bytes]:
+        old = reader(from_copy)
         for offset in range(0, inode.size, REENCRYPT_CHUNK):
-            piece = reader.read(offset, REENCRYPT_CHUNK)
+            try:
+                piece = old.read(offset, REENCRYPT_CHUNK)
+            except FormatError:
+                if copies is None or old_cid not in copies:
+                    raise  # the node's bytes are damaged
+                copies.drop(old_cid, failed=True)  # the copy's are: the node decides
+                old = reader(from_node)
+                piece = old.read(offset, REENCRYPT_CHUNK)
             if progress is not None:
                 progress(len(piece))
             yield piece
@@ -336,14 +359,14 @@ def _reencrypt(
     new_key = format.new_content_key()
     encrypted = format.encrypt(new_key, plaintext())
     header = next(encrypted)
-    salt = format.Header.parse(header).salt
+    new_salt = format.Header.parse(header).salt
 
     def stream() -> Iterator[bytes]:
         yield header
         yield from encrypted
 
     new_cid = ipfs.add(stream())
-    context = recipients.entry_context(inode.entry_id, salt)
+    context = recipients.entry_context(inode.entry_id, new_salt)
     to = [owner.public.recipient()] + [
         PublicIdentity.from_text(public.decode()).recipient()
         for public in manifest.grantees(inode.ino).values()
@@ -353,13 +376,13 @@ def _reencrypt(
         unpin = manifest.commit_version(
             inode.ino,
             cid=new_cid,
-            salt=salt,
+            salt=new_salt,
             size=inode.size,
             format=format.VERSION,
             mtime_ns=inode.mtime_ns,
             version_ns=time.time_ns(),
             wraps=wraps,
-            expected_cid=inode.cid,
+            expected_cid=old_cid,
         )
     except VersionConflict:
         # A newer version was written meanwhile, already wrapped only for current grantees.
@@ -369,7 +392,9 @@ def _reencrypt(
     if unpin is not None:  # the old version's own pin, or its group's once it keeps nothing
         with contextlib.suppress(MedfsError):
             ipfs.unpin(unpin)
-    return inode.cid, new_cid, inode.size
+    if copies is not None:
+        copies.drop(old_cid)  # what the revoked key opens does not stay on this disk either
+    return old_cid, new_cid, inode.size
 
 
 # -- recipient side ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class LocalCopies:
     dropping its pages: callers run those on a worker when it matters.
     """
 
-    def __init__(self, directory: Path, limit_bytes: int) -> None:
+    def __init__(self, directory: Path, limit_bytes: int, *, tidy: bool = True) -> None:
         if limit_bytes < 0:
             raise ValueError("the copies' limit must not be negative")
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -53,8 +53,15 @@ class LocalCopies:
         # For `user.medfs.stats`: ranges served from copies, and copies found damaged.
         self.reads = 0
         self.failed = 0
-        self._index()
-        self.trim()
+        self._index(tidy)
+        if tidy:
+            self.trim()
+
+    @classmethod
+    def view(cls, directory: Path) -> LocalCopies:
+        """The copies as a command beside the mount sees them (the mount owns the directory,
+        and a mount's start tidies it): read and dropped here, never kept, trimmed or swept."""
+        return cls(directory, 0, tidy=False)
 
     @property
     def total(self) -> int:
@@ -65,7 +72,7 @@ class LocalCopies:
     def over_limit(self) -> bool:
         return self._bytes > self.limit
 
-    def _index(self) -> None:
+    def _index(self, tidy: bool) -> None:
         found = []
         with os.scandir(self.directory) as entries:
             for entry in entries:
@@ -75,7 +82,7 @@ class LocalCopies:
                     continue
                 if _CID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                     found.append((st.st_mtime_ns, entry.name, st.st_size))
-                elif not entry.is_dir(follow_symlinks=False):  # nothing else belongs here
+                elif tidy and not entry.is_dir(follow_symlinks=False):  # nothing else belongs here
                     _unlink(Path(entry.path))
         for _mtime, cid, size in sorted(found):
             self._sizes[cid] = size

@@ -12,6 +12,7 @@ import pytest
 
 from medfs.errors import UsageError
 from medfs.ipfs import IPFS
+from medfs.kubo import EmbeddedNode
 from tests.conftest import run_medfs
 from tests.mounting import MARKER, Mounted, files_containing, fsync_dir, mounted
 
@@ -180,3 +181,42 @@ def test_a_mount_keeps_only_copies_of_versions_the_manifest_still_has(
         assert copies(m) == {cid}
         assert (m.mnt / "f").read_bytes() == data
         assert stats(m)["copy_reads"] > 0
+
+
+def test_a_revoke_reads_old_versions_from_their_copies_and_deletes_them(tmp_path: Path) -> None:
+    node = EmbeddedNode(tmp_path / "node")  # its own node: the test collects its garbage
+    api = node.ensure_running()
+    out = run_medfs("keygen", "--out", str(tmp_path / "bob"), env={"MEDFS_PASSPHRASE": "x"})
+    assert out.returncode == 0, out.stderr
+    gone, torn = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    try:
+        with mounted(tmp_path / "alice", api) as m:
+            (m.mnt / "d").mkdir()
+            (m.mnt / "d/gone.bin").write_bytes(gone)
+            (m.mnt / "d/torn.bin").write_bytes(torn)
+            out = m.medfs("share", str(m.mnt / "d"), "--to", str(tmp_path / "bob.pub"),
+                          "--out", str(tmp_path / "for-bob"), "--api", api)  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            old = {name: cid_of(m.mnt / "d" / name) for name in ("gone.bin", "torn.bin")}
+            assert set(old.values()) <= copies(m)
+            ipfs = IPFS(api)
+            try:  # the node loses one old version: only its local copy still has it
+                ipfs.unpin(old["gone.bin"])
+                assert ipfs.gc() > 0
+            finally:
+                ipfs.close()
+            with open(m.state / "copies" / old["torn.bin"], "r+b") as fh:  # the other's
+                fh.seek(2 * MiB)  # copy is damaged, and the node has it intact
+                byte = fh.read(1)
+                fh.seek(2 * MiB)
+                fh.write(bytes([byte[0] ^ 1]))
+            out = m.medfs("revoke", str(m.mnt / "d"), "--from", str(tmp_path / "bob.pub"),
+                          "--api", api)  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert "re-encrypted 2 files" in out.stdout
+            for name, data in (("gone.bin", gone), ("torn.bin", torn)):
+                assert cid_of(m.mnt / "d" / name) != old[name]
+                assert (m.mnt / "d" / name).read_bytes() == data
+            assert not set(old.values()) & copies(m)  # what the revoked key opens is gone
+    finally:
+        node.stop()

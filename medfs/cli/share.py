@@ -210,6 +210,7 @@ def run_revoke(args: argparse.Namespace) -> int:
     who = identity.read_public_file(args.from_)
     layout, session = _session(args)
     from medfs import access
+    from medfs.copies import LocalCopies
     from medfs.ipfs import IPFS
     from medfs.kubo import resolve_api
 
@@ -223,7 +224,10 @@ def run_revoke(args: argparse.Namespace) -> int:
             if (top := session.manifest.resolve(p)) is not None
             for _rel, inode in access._subtree(session.manifest, top)
         )
-        done, others = access.revoke(session, paths, who.fingerprint, ipfs, _progress_bar(total))
+        copies = LocalCopies.view(layout.copies)
+        done, others = access.revoke(
+            session, paths, who.fingerprint, ipfs, _progress_bar(total), copies
+        )
         with journal(layout, session) as log:
             log.append(
                 "revoke",
