@@ -197,6 +197,8 @@ class Reader:
         # `user.medfs.stats`, which also has how many of them a copy served.
         self.fetches = 0
         self.segments_fetched = 0
+        self.copy_reads = 0  # range reads a local copy served (its bytes authenticated)
+        self._counting = threading.Lock()  # workers count too: no increment may be lost
 
     def _cached(self, v: Version, first: int, last: int) -> list[bytes] | None:
         out = []
@@ -219,8 +221,9 @@ class Reader:
             start += 1
         stop = min(count - 1, max(last, last + ahead))
         fetched: dict[int, bytes] = {}
-        self.fetches += 1
-        self.segments_fetched += stop - start + 1
+        with self._counting:
+            self.fetches += 1
+            self.segments_fetched += stop - start + 1
         try:
             with _as_content_error(f"cannot read {v.cid}"):
                 fetched = self._decrypt(v, start, stop)
@@ -254,10 +257,14 @@ class Reader:
             kept = self.copies.read(v.cid, base, length)
             if kept is not None:
                 try:
-                    return self._open(v, kept, base, length, first, last)
+                    segments = self._open(v, kept, base, length, first, last)
                 except FormatError:
                     # Torn by a crash or changed on disk: the node has the object intact.
                     self.copies.drop(v.cid, failed=True)
+                else:
+                    with self._counting:
+                        self.copy_reads += 1
+                    return segments
         data = self.ipfs.cat_buffer(v.cid, base, length)
         return self._open(v, data, base, length, first, last)
 

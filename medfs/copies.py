@@ -50,9 +50,7 @@ class LocalCopies:
         self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._bytes = 0
         self._touched: set[str] = set()  # mtime moved up in this process (the LRU order)
-        # For `user.medfs.stats`: ranges served from copies, and copies found damaged.
-        self.reads = 0
-        self.failed = 0
+        self.failed = 0  # copies found damaged, for `user.medfs.stats`
         self._index(tidy)
         if tidy:
             self.trim()
@@ -147,8 +145,6 @@ class LocalCopies:
         if len(data) != length:
             self.drop(cid, failed=True)
             return None
-        with self._lock:
-            self.reads += 1
         return data
 
     def drop(self, cid: str, *, failed: bool = False) -> None:

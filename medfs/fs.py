@@ -1226,7 +1226,7 @@ class Filesystem(pyfuse3.Operations):
             }
             copies = self.reader.copies
             if copies is not None:  # how many of those fetches a local copy served
-                stats |= {"copy_reads": copies.reads, "copies_failed": copies.failed,
+                stats |= {"copy_reads": self.reader.copy_reads, "copies_failed": copies.failed,
                           "copies_bytes": copies.total}  # fmt: skip
             return json.dumps(stats).encode()
         raise _fail(pyfuse3.ENOATTR)
