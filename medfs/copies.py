@@ -15,7 +15,6 @@ are never fsynced: a crash may tear one, which the next read finds and drops.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -81,7 +80,7 @@ class LocalCopies:
                 if _CID.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                     found.append((st.st_mtime_ns, entry.name, st.st_size))
                 elif tidy and not entry.is_dir(follow_symlinks=False):  # nothing else belongs here
-                    _unlink(Path(entry.path))
+                    Path(entry.path).unlink(missing_ok=True)
         for _mtime, cid, size in sorted(found):
             self._sizes[cid] = size
             self._bytes += size
@@ -150,7 +149,7 @@ class LocalCopies:
     def drop(self, cid: str, *, failed: bool = False) -> None:
         """Delete the copy of `cid`, if there is one; `failed` counts it as damaged."""
         if self._forget(cid):
-            _unlink(self.directory / cid)
+            (self.directory / cid).unlink(missing_ok=True)
             if failed:
                 with self._lock:
                     self.failed += 1
@@ -178,8 +177,3 @@ class LocalCopies:
             self._bytes -= size
             self._touched.discard(cid)
             return True
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
