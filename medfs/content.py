@@ -319,8 +319,25 @@ class Reader:
             event = self._inflight.get((v.cid, missing))
             if event is None:
                 break
-            await event.wait()  # a prefetch is bringing it
-        return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
+            await event.wait()  # a prefetch, or another read, is bringing it
+        # Claimed like a prefetch: the kernel sends a sequential reader's read-ahead as several
+        # requests at once, and each would otherwise fetch and decrypt the same segments.
+        mine = trio.Event()
+        stop = min(layout.segment_count(v.size) - 1, last + ahead)
+        claimed = [
+            (v.cid, index)
+            for index in range(first, stop + 1)
+            if (v.cid, index) not in self._inflight and self.cache.get(v.cid, index) is None
+        ]
+        for key in claimed:
+            self._inflight[key] = mine
+        try:
+            return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
+        finally:
+            for key in claimed:
+                if self._inflight.get(key) is mine:
+                    del self._inflight[key]
+            mine.set()
 
     def claim_ahead(self, v: Version, first: int, last: int) -> Ahead | None:
         """The window among first..last worth fetching in the background, skipping what is

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
-from medfs import state
+from medfs import content, state
 from medfs.content import (
     PendingStore,
     Reader,
@@ -30,6 +32,7 @@ from medfs.content import (
 from medfs.fs import Filesystem
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
+from medfs.layout import SEGMENT_SIZE as SEG
 from tests.mounting import PASSPHRASE, init_state
 from tests.test_reliability import _fixed_port_node
 
@@ -161,3 +164,39 @@ def test_a_read_ahead_that_finds_its_staging_copy_gone_is_dropped_quietly(
 
     trio.run(main)
     assert reader.cache.get("spool:x", 0) is None
+
+
+def test_a_read_waits_for_segments_another_read_is_fetching(
+    tmp_path: Path, ipfs: IPFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel sends a sequential reader's read-ahead as several requests at once: a read
+    # whose segments are on their way in another read's fetch must not fetch them again.
+    gate = threading.Event()
+    read_staged = content._read_staged
+
+    def slow_read_staged(path: Path, offset: int, length: int) -> bytes:
+        gate.wait(10)  # the first fetch is still running when the second read comes
+        return read_staged(path, offset, length)
+
+    monkeypatch.setattr(content, "_read_staged", slow_read_staged)
+    plaintext = os.urandom(16 * SEG)
+    sealed = seal_small(tmp_path, plaintext)
+    local = Version("spool:x", sealed.key, sealed.salt, sealed.size, local=sealed.spool)
+    reader = Reader(ipfs, SegmentCache(16 << 20))
+    got: dict[str, bytes] = {}
+
+    async def read(name: str, offset: int, ahead: int) -> None:
+        got[name] = await reader.read(local, offset, SEG, ahead)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "first", 0, 15)  # with read-ahead: all 16 segments
+                await trio.testing.wait_all_tasks_blocked()  # it has claimed them
+                nursery.start_soon(read, "ninth", 8 * SEG, 0)
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()
+
+    trio.run(main)
+    assert got == {"first": plaintext[:SEG], "ninth": plaintext[8 * SEG : 9 * SEG]}
+    assert (reader.fetches, reader.segments_fetched) == (1, 16)
