@@ -325,19 +325,23 @@ class Reader:
         mine = trio.Event()
         stop = min(layout.segment_count(v.size) - 1, last + ahead)
         claimed = [
-            (v.cid, index)
+            index
             for index in range(first, stop + 1)
             if (v.cid, index) not in self._inflight and self.cache.get(v.cid, index) is None
         ]
-        for key in claimed:
-            self._inflight[key] = mine
+        for index in claimed:
+            self._inflight[(v.cid, index)] = mine
         try:
             return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
         finally:
-            for key in claimed:
-                if self._inflight.get(key) is mine:
-                    del self._inflight[key]
-            mine.set()
+            self._release(v.cid, claimed, mine)
+
+    def _release(self, cid: str, indices: Iterable[int], event: trio.Event) -> None:
+        """End a claim: its segments are no longer on their way, and whoever waits wakes."""
+        for index in indices:
+            if self._inflight.get((cid, index)) is event:
+                del self._inflight[(cid, index)]
+        event.set()
 
     def claim_ahead(self, v: Version, first: int, last: int) -> Ahead | None:
         """The window among first..last worth fetching in the background, skipping what is
@@ -393,10 +397,7 @@ class Reader:
             pass  # must not end the filesystem's nursery: a read of it meets the error
         finally:
             self._prefetching -= 1
-            for index in range(start, stop + 1):
-                if self._inflight.get((v.cid, index)) is ahead.event:
-                    del self._inflight[(v.cid, index)]
-            ahead.event.set()
+            self._release(v.cid, range(start, stop + 1), ahead.event)
 
 
 @dataclass(frozen=True)
