@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
+import mmap
 import os
 import queue
 import tempfile
@@ -69,6 +71,9 @@ UPLOAD_QUEUE = 64
 # most this many batches wait for the uploader before the sealer does.
 SPOOL_BATCH = 16
 UPLOAD_BATCHES = 8
+# A spool written with direct I/O goes to the disk in chunks of this size (a multiple of any
+# device's logical block), from an aligned buffer; only its last chunk is written buffered.
+DIRECT_CHUNK = 1 << 20
 # How many segments an overlay commit reads from its base in one range request.
 COMMIT_BATCH = 64
 # A file written in order is held in memory up to this size, then streamed into an upload.
@@ -503,16 +508,78 @@ class Spool:
     """One encrypted object written to the staging area while it is uploaded.
 
     The copy on disk decouples encryption from the upload: if the node fails, the object
-    still completes here and waits for the node to come back. Once uploaded, it is deleted.
+    still completes here and waits for the node to come back. Once uploaded, it becomes the
+    version's local copy or is deleted.
+
+    Written with direct I/O where the filesystem allows it: a buffered write of a GiB costs
+    this machine 1.9-2.5 s of kernel time (copying it into page cache pages that it first has
+    to fault in) on two cores the node and the FUSE thread need, where direct I/O costs
+    0.1-0.25 s plus 0.2-0.35 s of copying into one reused, aligned buffer. Its bytes reach
+    the disk as they are written rather than later, which the kept local copy needed anyway.
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / f"{os.urandom(12).hex()}.obj"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._buffer: mmap.mmap | None = None
+        self._fill = 0
+        with contextlib.suppress(OSError):  # EINVAL where the filesystem has no direct I/O
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
+            # Anonymous maps are page-aligned, as direct I/O needs: room for a chunk waiting
+            # to be written and the next one filling.
+            self._buffer = mmap.mmap(-1, 2 * DIRECT_CHUNK)
+
+    @property
+    def direct(self) -> bool:
+        return self._buffer is not None
 
     def write(self, batch: list[bytes]) -> None:
+        if self._buffer is None:
+            self._writev(batch)
+            return
+        view = memoryview(self._buffer)
+        for i, piece in enumerate(batch):
+            data, at = memoryview(piece), 0
+            while at < len(data):
+                # The buffer holds less than a chunk here, so a chunk more always fits.
+                n = min(len(data) - at, DIRECT_CHUNK)
+                view[self._fill : self._fill + n] = data[at : at + n]
+                self._fill += n
+                at += n
+                if self._fill >= DIRECT_CHUNK and not self._write_chunk(view):
+                    self._writev([piece[at:], *batch[i + 1 :]])  # buffered from here on
+                    return
+
+    def _write_chunk(self, view: memoryview) -> bool:
+        """Write the buffer's first chunk directly; False once writes fell back to buffered."""
+        try:
+            n = os.write(self._fd, view[:DIRECT_CHUNK])
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # the file accepted O_DIRECT but not this write
+                raise
+            n = 0
+        if n != DIRECT_CHUNK:  # a short write leaves the file offset unaligned
+            self._buffered(view[n : self._fill])
+            return False
+        rest = self._fill - DIRECT_CHUNK
+        view[:rest] = view[DIRECT_CHUNK : self._fill]
+        self._fill = rest
+        return True
+
+    def _buffered(self, pending: memoryview) -> None:
+        """From here on, plain buffered writes; `pending` is what the buffer still held."""
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._writev([bytes(pending)])
+        self._drop_buffer()
+
+    def _drop_buffer(self) -> None:
+        # Not closed: views of it may still be alive up the stack; it goes with the last one.
+        self._buffer = None
+        self._fill = 0
+
+    def _writev(self, batch: list[bytes]) -> None:
         # One writev per batch of segments: a GiB is ~1,000 system calls, not ~16,000.
-        pieces = list(batch)  # the caller's list is handed on to the uploader as it is
+        pieces = [piece for piece in batch if piece]  # the caller's list goes on to the uploader
         while pieces:
             n = os.writev(self._fd, pieces)
             while pieces and n >= len(pieces[0]):
@@ -520,12 +587,18 @@ class Spool:
             if n:
                 pieces[0] = pieces[0][n:]
 
+    def finish(self) -> None:
+        """Write what the aligned buffer still holds: the object's last, unaligned bytes."""
+        if self._buffer is not None:
+            self._buffered(memoryview(self._buffer)[: self._fill])
+
     def sync(self) -> None:
         os.fsync(self._fd)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+        self._drop_buffer()
 
     def discard(self) -> None:
         self.close()
@@ -582,6 +655,7 @@ class SealAndUpload:
                     batch = []
             if batch:
                 self._emit(batch)
+            self.spool.finish()
         except BaseException as err:  # reported when the draft commits
             self._seal_error = err
         finally:

@@ -3,6 +3,8 @@ node that records what it was sent. Real nodes, killed mid-copy, are in test_rel
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import threading
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from medfs import format
-from medfs.content import SPOOL_BATCH, ContentError, SealAndUpload, Spool
+from medfs.content import DIRECT_CHUNK, SPOOL_BATCH, ContentError, SealAndUpload, Spool
 from medfs.errors import IPFSError
 
 SEG = format.SEGMENT_SIZE
@@ -105,5 +107,78 @@ def test_spool_write_survives_short_writes(tmp_path: Path, monkeypatch: pytest.M
     spool = Spool(tmp_path)
     parts = [os.urandom(n) for n in (10, 2500, 1, 999, 4096)]
     spool.write(list(parts))
+    spool.finish()
+    spool.close()
+    assert spool.path.read_bytes() == b"".join(parts)
+
+
+def odd_pieces() -> list[bytes]:
+    # Across several direct chunks, chunk edges falling inside pieces, one piece over a chunk.
+    sizes = [SEG + 16, 37, DIRECT_CHUNK + 5, 1, *[SEG + 16] * 40, 4096, 3 * SEG]
+    return [os.urandom(n) for n in sizes]
+
+
+def direct_spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path)
+    if not spool.direct:
+        spool.discard()
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT")
+    return spool
+
+
+def test_a_direct_spool_writes_every_byte_in_order(tmp_path: Path) -> None:
+    spool = direct_spool(tmp_path)
+    parts = odd_pieces()
+    spool.write(parts[:3])
+    spool.write(parts[3:])
+    assert fcntl.fcntl(spool._fd, fcntl.F_GETFL) & os.O_DIRECT
+    spool.finish()
+    spool.close()
+    assert spool.path.read_bytes() == b"".join(parts)
+
+
+@pytest.mark.parametrize("failure", ["EINVAL", "short"])
+def test_a_direct_spool_falls_back_to_buffered_writes_mid_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    spool = direct_spool(tmp_path)
+    real, calls = os.write, []
+
+    def refusing(fd: int, data: memoryview) -> int:
+        if fd != spool._fd:
+            return real(fd, data)
+        calls.append(len(data))
+        if len(calls) == 2:  # the second chunk: the file already has one written directly
+            if failure == "EINVAL":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data[:4096])  # aligned, but short
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing)
+    parts = odd_pieces()
+    spool.write(parts)
+    assert not spool.direct and len(calls) == 2
+    assert not fcntl.fcntl(spool._fd, fcntl.F_GETFL) & os.O_DIRECT
+    spool.finish()
+    spool.close()
+    assert spool.path.read_bytes() == b"".join(parts)
+
+
+def test_a_spool_is_buffered_where_the_filesystem_refuses_o_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = fcntl.fcntl
+
+    def no_direct(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    spool = Spool(tmp_path)
+    assert not spool.direct
+    parts = odd_pieces()
+    spool.write(parts)
+    spool.finish()
     spool.close()
     assert spool.path.read_bytes() == b"".join(parts)
