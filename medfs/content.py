@@ -519,15 +519,16 @@ class Spool:
     """
 
     def __init__(self, directory: Path) -> None:
+        # Anonymous maps are page-aligned, as direct I/O needs: room for a chunk waiting to be
+        # written and the next one filling. Made first: O_DIRECT is never set without it.
+        self._buffer: mmap.mmap | None = mmap.mmap(-1, 2 * DIRECT_CHUNK)
+        self._fill = 0
         self.path = directory / f"{os.urandom(12).hex()}.obj"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._buffer: mmap.mmap | None = None
-        self._fill = 0
-        with contextlib.suppress(OSError):  # EINVAL where the filesystem has no direct I/O
+        try:
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
-            # Anonymous maps are page-aligned, as direct I/O needs: room for a chunk waiting
-            # to be written and the next one filling.
-            self._buffer = mmap.mmap(-1, 2 * DIRECT_CHUNK)
+        except OSError:  # EINVAL where the filesystem has no direct I/O
+            self._buffer = None
 
     @property
     def direct(self) -> bool:
