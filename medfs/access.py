@@ -27,7 +27,14 @@ from medfs.copies import LocalCopies
 from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
-from medfs.manifest import Inode, Kind, Manifest, NameCipher, VersionConflict
+from medfs.manifest import (
+    Inode,
+    Kind,
+    Manifest,
+    NameCipher,
+    RecipientsChanged,
+    VersionConflict,
+)
 
 # Revocation re-encrypts in pieces of this size: memory stays bounded whatever the file size.
 REENCRYPT_CHUNK = 4 << 20
@@ -367,28 +374,32 @@ def _reencrypt(
 
     new_cid = ipfs.add(stream())
     context = recipients.entry_context(inode.entry_id, new_salt)
-    to = [owner.public.recipient()] + [
-        PublicIdentity.from_text(public.decode()).recipient()
-        for public in manifest.grantees(inode.ino).values()
-    ]
-    wraps = {r.fingerprint: recipients.wrap(new_key, r, context).to_bytes() for r in to}
-    try:
-        unpin = manifest.commit_version(
-            inode.ino,
-            cid=new_cid,
-            salt=new_salt,
-            size=inode.size,
-            format=format.VERSION,
-            mtime_ns=inode.mtime_ns,
-            version_ns=time.time_ns(),
-            wraps=wraps,
-            expected_cid=old_cid,
-        )
-    except VersionConflict:
-        # A newer version was written meanwhile, already wrapped only for current grantees.
-        with contextlib.suppress(MedfsError):
-            ipfs.unpin(new_cid)
-        return None
+    while True:
+        to = [owner.public.recipient()] + [
+            PublicIdentity.from_text(public.decode()).recipient()
+            for public in manifest.grantees(inode.ino).values()
+        ]
+        wraps = {r.fingerprint: recipients.wrap(new_key, r, context).to_bytes() for r in to}
+        try:
+            unpin = manifest.commit_version(
+                inode.ino,
+                cid=new_cid,
+                salt=new_salt,
+                size=inode.size,
+                format=format.VERSION,
+                mtime_ns=inode.mtime_ns,
+                version_ns=time.time_ns(),
+                wraps=wraps,
+                expected_cid=old_cid,
+            )
+        except RecipientsChanged:
+            continue  # a share landed between reading the grantees and the commit: again
+        except VersionConflict:
+            # A newer version was written meanwhile, already wrapped only for current grantees.
+            with contextlib.suppress(MedfsError):
+                ipfs.unpin(new_cid)
+            return None
+        break
     if unpin is not None:  # the old version's own pin, or its group's once it keeps nothing
         with contextlib.suppress(MedfsError):
             ipfs.unpin(unpin)

@@ -51,7 +51,7 @@ from medfs.content import (
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.identity import Identity, PublicIdentity
 from medfs.layout import SEGMENT_SIZE, ciphertext_size
-from medfs.manifest import Inode, Manifest, NewVersion
+from medfs.manifest import Inode, Manifest, NewVersion, RecipientsChanged
 
 log = logging.getLogger(__name__)
 
@@ -435,22 +435,26 @@ class Filesystem(pyfuse3.Operations):
                 continue
             live.append((record, cid, inode.entry_id))
             replaced[record.ino] = inode.cid
-        jobs = [(self._recipients(r.ino), entry_id, r.key, r.salt) for r, _, entry_id in live]
-        wraps = await trio.to_thread.run_sync(self._wrap_group, jobs)
-        # Back on the trio thread: a save that superseded one of them meanwhile wins.
-        now = time.time_ns()
-        versions, events = [], []
-        for (record, cid, _), wrapped in zip(live, wraps, strict=True):
-            if not self._committable(record):
-                continue
-            versions.append(NewVersion(record.ino, cid, record.salt, record.size,
-                                       format.VERSION, record.mtime_ns, now, wrapped))  # fmt: skip
-            events.append(("version", cid, {"path": self._path(record.ino), "size": record.size,
-                                            "recipients": sorted(wrapped)}))  # fmt: skip
-        if not versions:
-            self._discard_later([group])  # it keeps nothing anyone still needs
-            return
-        unpin = self.manifest.commit_group(versions, group)
+        wraps = await self._wrap_now(live)
+        while True:
+            # Back on the trio thread: a save that superseded one of them meanwhile wins.
+            current = [(r, cid) for r, cid, _ in live if self._committable(r)]
+            if not current:
+                self._discard_later([group])  # it keeps nothing anyone still needs
+                return
+            now = time.time_ns()
+            versions = [NewVersion(r.ino, cid, r.salt, r.size, format.VERSION, r.mtime_ns, now,
+                                   wraps[r.ino]) for r, cid in current]  # fmt: skip
+            try:
+                unpin = self.manifest.commit_group(versions, group)
+                break
+            except RecipientsChanged as err:  # a share or a revoke landed during the wraps
+                wraps |= await self._wrap_now([item for item in live if item[0].ino in err.inos])
+        events = [
+            ("version", v.cid, {"path": self._path(v.ino), "size": v.size,
+                                "recipients": sorted(v.wraps)})
+            for v in versions
+        ]  # fmt: skip
         committed = {v.ino: v.cid for v in versions}
         self._drop_copies_later([c for ino in committed if (c := replaced[ino]) is not None])
         for record, cid, _ in live:
@@ -462,6 +466,15 @@ class Filesystem(pyfuse3.Operations):
         for record, cid, _ in live:
             if committed.get(record.ino) == cid:
                 await self._uploaded(record, cid)
+
+    async def _wrap_now(
+        self, items: Sequence[tuple[PendingRecord, str, bytes]]
+    ) -> dict[int, dict[str, bytes]]:
+        """Each record's key wrapped (on a worker thread) for everyone who may read its file
+        now, bound to the entry id that comes with it."""
+        jobs = [(self._recipients(r.ino), entry_id, r.key, r.salt) for r, _, entry_id in items]
+        done = await trio.to_thread.run_sync(self._wrap_group, jobs)
+        return {r.ino: wrapped for (r, _, _), wrapped in zip(items, done, strict=True)}
 
     def _committable(self, record: PendingRecord) -> bool:
         """Whether `record` may become its file's version now: not superseded, its file not
@@ -681,13 +694,17 @@ class Filesystem(pyfuse3.Operations):
         """Make an uploaded object the file's version: wraps, manifest, audit, old unpinned."""
         inode = self._inode(ino)
         previous = inode.cid
-        to = self._recipients(ino)  # the manifest is read on this thread only
-        wraps = await trio.to_thread.run_sync(self._wrap_all, to, inode.entry_id, key, salt)
-        now = time.time_ns()
-        old = self.manifest.commit_version(
-            ino, cid=cid, salt=salt, size=size, format=format.VERSION, mtime_ns=mtime_ns,
-            version_ns=now, wraps=wraps,
-        )  # fmt: skip
+        while True:
+            to = self._recipients(ino)  # the manifest is read on this thread only
+            wraps = await trio.to_thread.run_sync(self._wrap_all, to, inode.entry_id, key, salt)
+            try:
+                old = self.manifest.commit_version(
+                    ino, cid=cid, salt=salt, size=size, format=format.VERSION,
+                    mtime_ns=mtime_ns, version_ns=time.time_ns(), wraps=wraps,
+                )  # fmt: skip
+                break
+            except RecipientsChanged:  # a share or a revoke landed during the wraps: again
+                continue
         self._versions[ino] = Version(cid, key, salt, size)
         if previous is not None and previous != cid:
             self._drop_copies_later([previous])

@@ -267,6 +267,16 @@ class VersionConflict(Exception):
     """A compare-and-swap commit found another version in place."""
 
 
+class RecipientsChanged(Exception):
+    """A version was wrapped for other people than may read its file now: a grant, a
+    revocation or a move landed between reading the recipients and the commit. Nothing was
+    committed; wrap it again for `recipients_of` and retry."""
+
+    def __init__(self, inos: Sequence[int]) -> None:
+        super().__init__(f"the recipients of inode {', '.join(map(str, inos))} changed")
+        self.inos = tuple(inos)
+
+
 class Stats(NamedTuple):
     files: int
     dirs: int
@@ -301,6 +311,13 @@ def _check_target(target: bytes) -> None:
         raise _oserror(errno.ENAMETOOLONG, f"symlink targets are at most {TARGET_MAX} bytes")
     if not target or b"\x00" in target:
         raise _oserror(errno.EINVAL, "invalid symlink target")
+
+
+def _check_version(v: NewVersion) -> None:
+    if not v.cid or not v.salt or v.size < 0:
+        raise ValueError("a version needs a CID, a salt and a non-negative size")
+    if not v.wraps:
+        raise ValueError("a version no one can unwrap would be lost: wraps must not be empty")
 
 
 def _check_mode(mode: int) -> None:
@@ -369,6 +386,7 @@ class Manifest:
         self._db: sqlite3.Connection | None = db
         self._names: NameCipher | None = None
         self._wal_fd: int | None = None  # see defer_sync
+        self._owner: str | None = None  # see recipients_of
         self.path = path
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -958,6 +976,8 @@ class Manifest:
 
         With `expected_cid`, the commit happens only if the current CID is still that one (a
         re-encryption racing a newer write must not undo it): VersionConflict otherwise.
+        `wraps` must be keyed by exactly `recipients_of(ino)` at the time of the commit:
+        RecipientsChanged otherwise.
 
         Replaces cid, salt, size, format, mtime_ns, version_ns and every wrap (ctime moves up to
         at least mtime_ns). Returns what the caller should unpin now that the previous version
@@ -965,16 +985,23 @@ class Manifest:
         EINVAL if not a regular file; ValueError for an empty `wraps`.
         """
         version = NewVersion(ino, cid, salt, size, format, mtime_ns, version_ns, wraps)
+        _check_version(version)
         with self._write():
+            self._check_recipients([version])
             return self._release(self._commit_version(version, expected_cid))
 
     def commit_group(self, versions: Sequence[NewVersion], group: str) -> list[str]:
         """Commit versions uploaded together under the pinned directory `group`, in one
-        transaction; the group's pin keeps them from now on. Returns what to unpin."""
+        transaction; the group's pin keeps them from now on. Returns what to unpin.
+        RecipientsChanged, naming every such file, if any is wrapped for others than
+        `recipients_of` it (then nothing is committed)."""
         if not versions:
             raise ValueError("a group commit needs at least one version")
+        for version in versions:
+            _check_version(version)
         unpin = []
         with self._write() as db:
+            self._check_recipients(versions)
             for version in versions:
                 old = self._commit_version(version, ANY_CID)
                 moved = None
@@ -1024,12 +1051,26 @@ class Manifest:
         with self._write() as db:
             db.execute("DELETE FROM pin_groups")
 
+    def _check_recipients(self, versions: Sequence[NewVersion]) -> None:
+        """Refuse versions not wrapped for exactly the people who may read their file now
+        (transaction open, so no grant can land between this and the commit). Committers read
+        the recipients, then wrap on another thread: a `medfs share` that adds its grant
+        meanwhile wraps only the versions committed before it, so a version wrapped for the
+        old recipients would stay unreadable to the new one, and one wrapped before a
+        revocation would stay readable to the revoked one."""
+        stale = [v.ino for v in versions if set(v.wraps) != self.recipients_of(v.ino)]
+        if stale:
+            raise RecipientsChanged(stale)
+
+    def recipients_of(self, ino: int) -> set[str]:
+        """The fingerprints a new version of `ino` must be wrapped for: the owner's and every
+        grantee's (`grantees`)."""
+        if self._owner is None:
+            self._owner = self.owner  # a manifest's owner never changes
+        return {self._owner, *self.grantees(ino)}
+
     def _commit_version(self, v: NewVersion, expected_cid: str | object | None) -> str | None:
         """The previous CID, or None if there was none or it is the same (transaction open)."""
-        if not v.cid or not v.salt or v.size < 0:
-            raise ValueError("a version needs a CID, a salt and a non-negative size")
-        if not v.wraps:
-            raise ValueError("a version no one can unwrap would be lost: wraps must not be empty")
         db = self._conn
         inode = self._need(v.ino)
         if inode.kind is not Kind.FILE:

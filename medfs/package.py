@@ -51,7 +51,7 @@ from medfs.errors import (
 )
 from medfs.identity import PublicIdentity
 from medfs.ipfs import IPFS
-from medfs.manifest import Inode, Kind, new_entry_id
+from medfs.manifest import Inode, Kind, RecipientsChanged, new_entry_id
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -429,14 +429,17 @@ def import_package(
         yield header
         yield from encrypted
 
-    # A fresh inode has no grants of its own: its readers are the owner and the grantees of
-    # the directories above it, as for a file created in the mount.
-    to = [owner.public.recipient()] + [
-        PublicIdentity.from_text(public.decode()).recipient()
-        for public in manifest.grantees(parent.ino).values()
-    ]
     context = recipients.entry_context(entry_id, salt)
-    wraps = {r.fingerprint: recipients.wrap(content_key, r, context).to_bytes() for r in to}
+
+    def wraps_for(ino: int) -> dict[str, bytes]:
+        # A fresh inode has no grants of its own: its readers are the owner and the grantees
+        # of the directories above it, as for a file created in the mount.
+        to = [owner.public.recipient()] + [
+            PublicIdentity.from_text(public.decode()).recipient()
+            for public in manifest.grantees(ino).values()
+        ]
+        return {r.fingerprint: recipients.wrap(content_key, r, context).to_bytes() for r in to}
+
     cid = ipfs.add(stream())
     now = time.time_ns()
     created: Inode | None = None
@@ -444,10 +447,15 @@ def import_package(
         created = manifest.create(
             parent.ino, name, Kind.FILE, mode, os.getuid(), os.getgid(), now, entry_id=entry_id
         )
-        manifest.commit_version(
-            created.ino, cid=cid, salt=salt, size=len(plain), format=format.VERSION,
-            mtime_ns=now, version_ns=now, wraps=wraps, expected_cid=None,
-        )  # fmt: skip
+        while True:
+            try:
+                manifest.commit_version(
+                    created.ino, cid=cid, salt=salt, size=len(plain), format=format.VERSION,
+                    mtime_ns=now, version_ns=now, wraps=wraps_for(created.ino), expected_cid=None,
+                )  # fmt: skip
+            except RecipientsChanged:
+                continue  # a share landed between reading the grantees and the commit: again
+            break
     except BaseException as err:
         if created is not None:
             with contextlib.suppress(Exception):

@@ -3,7 +3,8 @@ handlers in this process: a real Kubo node and a real staging area, no FUSE in b
 
 What they pin down: a read that was sent to a version's staging copy just as that version was
 uploaded (and its copy removed) still gets the version's bytes, and a read-ahead that meets the
-same removal in the background does not take the filesystem down."""
+same removal in the background does not take the filesystem down; and a grant or revocation
+that lands while a version is being wrapped reaches that version."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
 import trio
 import trio.testing
 
-from medfs import content, state
+from medfs import access, content, recipients, state
 from medfs.content import (
     PendingStore,
     Reader,
@@ -30,9 +32,12 @@ from medfs.content import (
     seal_small,
 )
 from medfs.fs import Filesystem
+from medfs.identity import Identity
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from medfs.layout import SEGMENT_SIZE as SEG
+from medfs.manifest import Manifest
+from medfs.recipients import Stanza
 from tests.mounting import PASSPHRASE, init_state
 from tests.test_reliability import _fixed_port_node
 
@@ -200,3 +205,119 @@ def test_a_read_waits_for_segments_another_read_is_fetching(
     trio.run(main)
     assert got == {"first": plaintext[:SEG], "ninth": plaintext[8 * SEG : 9 * SEG]}
     assert (reader.fetches, reader.segments_fetched) == (1, 16)
+
+
+@pytest.mark.parametrize(
+    ("size", "grant"),
+    [
+        pytest.param(1000, True, id="small-file-granted"),
+        pytest.param(1000, False, id="small-file-revoked"),
+        pytest.param(SEG * 20, True, id="big-file-granted"),
+    ],
+)
+def test_a_grant_or_revocation_during_the_wraps_reaches_the_version(
+    tmp_path: Path, size: int, grant: bool
+) -> None:
+    """`medfs share` adds its grant, then wraps only the versions committed before it: a
+    version whose wraps were made before the grant landed must be wrapped again at commit,
+    or the new recipient could never open it (and a revoked one could open it)."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    friend = Identity.generate()
+    data = os.urandom(size)
+
+    async def scenario(fs: Filesystem) -> None:
+        shared = await fs.mkdir(pyfuse3.ROOT_INODE, b"shared", 0o700, CTX)
+        if not grant:
+            fs.manifest.add_grant(
+                shared.st_ino, friend.fingerprint, friend.public.to_text().encode(), now_ns=1
+            )
+        real_wrap = Filesystem._wrap_all
+        landed = threading.Event()
+
+        def share_lands_meanwhile(*args: Any) -> dict[str, bytes]:
+            wrapped = real_wrap(*args)  # for the recipients read before this call
+            if not landed.is_set():
+                landed.set()
+                other = Manifest.open(fs.manifest.path)  # as the share agent: its own connection
+                try:
+                    if grant:
+                        other.add_grant(shared.st_ino, friend.fingerprint,
+                                        friend.public.to_text().encode(), now_ns=2)  # fmt: skip
+                    else:
+                        other.remove_grant(shared.st_ino, friend.fingerprint)
+                finally:
+                    other.close()
+            return wrapped
+
+        Filesystem._wrap_all = staticmethod(share_lands_meanwhile)  # type: ignore[method-assign]
+        try:
+            info, attrs = await fs.create(shared.st_ino, b"scan.dcm", 0o600, os.O_WRONLY, CTX)
+            await fs.write(info.fh, 0, data)
+            await fs.fsync(info.fh, False)
+            await fs.release(info.fh)
+        finally:
+            Filesystem._wrap_all = staticmethod(real_wrap)  # type: ignore[method-assign]
+        assert landed.is_set()  # the grant did land between the wraps and the commit
+        ino = attrs.st_ino
+        inode = fs.manifest.get(ino)
+        assert inode is not None and inode.cid is not None and inode.salt is not None
+        wraps = fs.manifest.wraps(ino)
+        assert set(wraps) == {fs.owner.fingerprint} | ({friend.fingerprint} if grant else set())
+        if grant:  # and the friend's stanza opens this version
+            context = recipients.entry_context(inode.entry_id, inode.salt)
+            key = friend.unwrap(Stanza.from_bytes(wraps[friend.fingerprint]), context)
+            assert key == fs._versions[ino].key
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
+def test_a_share_landing_during_a_revoke_is_wrapped_into_the_new_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revoke re-encrypts, then reads the grantees and wraps: a grant for someone else that
+    lands just before its commit must be in the new version's wraps."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    bob, carol = Identity.generate(), Identity.generate()
+
+    async def write(fs: Filesystem) -> None:
+        info, _ = await fs.create(pyfuse3.ROOT_INODE, b"scan.dcm", 0o600, os.O_WRONLY, CTX)
+        await fs.write(info.fh, 0, os.urandom(5000))
+        await fs.fsync(info.fh, False)
+        await fs.release(info.fh)
+
+    try:
+        run_with_filesystem(tmp_path, api, write)
+        session = state.unlock(state.Layout(tmp_path / "state"), PASSPHRASE)
+        ipfs = IPFS(api, timeout=5)
+        try:
+            access.grant(session, ["/scan.dcm"], bob.public, workers=1)
+            scan = session.manifest.resolve(b"/scan.dcm")
+            assert scan is not None
+            ino = scan.ino
+            real_wrap = recipients.wrap
+            landed = []
+
+            def carol_is_granted_meanwhile(*args: Any) -> Stanza:
+                if not landed:
+                    landed.append(True)
+                    other = Manifest.open(session.manifest.path)
+                    try:
+                        other.add_grant(ino, carol.fingerprint, carol.public.to_text().encode(),
+                                        now_ns=1)  # fmt: skip
+                    finally:
+                        other.close()
+                return real_wrap(*args)
+
+            monkeypatch.setattr(recipients, "wrap", carol_is_granted_meanwhile)
+            done, _others = access.revoke(session, ["/scan.dcm"], bob.fingerprint, ipfs)
+            assert landed and len(done) == 1
+            wraps = session.manifest.wraps(ino)
+            assert set(wraps) == {session.owner.fingerprint, carol.fingerprint}
+        finally:
+            session.manifest.close()
+            ipfs.close()
+    finally:
+        node.stop()

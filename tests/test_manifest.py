@@ -551,12 +551,14 @@ def test_readdir_pages_neither_skip_nor_repeat_survivors(initial, page, steps):
 
 def test_commit_version_replaces_the_version_and_all_wraps(m):
     f = mkfile(m, ROOT_INODE, b"f", now=T0 + 1)
+    m.add_grant(f.ino, FRIEND, b"friend's public file", now_ns=T0)
     assert commit(m, f.ino, "cid-1", wraps={OWNER: b"w1", FRIEND: b"w2"}) is None
     v1 = m.get(f.ino)
     assert v1 is not None
     assert (v1.cid, v1.salt, v1.size, v1.format) == ("cid-1", b"s" * 32, 10, 1)
     assert (v1.mtime_ns, v1.version_ns, v1.ctime_ns) == (T0 + 5, T0 + 6, T0 + 5)
     assert m.wraps(f.ino) == {OWNER: b"w1", FRIEND: b"w2"}
+    m.remove_grant(f.ino, FRIEND)
     previous = commit(
         m, f.ino, "cid-2", salt=b"t" * 32, size=0, format=2, mtime_ns=T0 + 7, version_ns=T0 + 8
     )
@@ -605,18 +607,19 @@ class FailingWraps(Mapping[str, bytes]):
 
 
 @pytest.mark.parametrize(
-    "wraps",
+    ("wraps", "error"),
     [
-        pytest.param(FailingWraps(), id="failure-mid-insert"),
-        pytest.param({OWNER: b"new", FRIEND: "not bytes"}, id="wrong-type"),
-        pytest.param({OWNER: b"new", 7: b"x"}, id="wrong-key-type"),
+        pytest.param(FailingWraps(), OSError, id="failure-mid-insert"),
+        pytest.param({OWNER: b"new", FRIEND: "not bytes"}, TypeError, id="wrong-type"),
+        pytest.param({OWNER: b"new", 7: b"x"}, mf.RecipientsChanged, id="wrong-key-type"),
     ],
 )
-def test_commit_version_is_atomic(m, db_path, wraps):
+def test_commit_version_is_atomic(m, db_path, wraps, error):
     f = mkfile(m, ROOT_INODE, b"f")
+    m.add_grant(f.ino, FRIEND, b"friend's public file", now_ns=T0)
     commit(m, f.ino, "cid-old", wraps={OWNER: b"old-wrap", FRIEND: b"old-friend"})
     before = m.get(f.ino)
-    with pytest.raises((OSError, TypeError)):
+    with pytest.raises(error):
         commit(m, f.ino, "cid-new", size=77, mtime_ns=T0 + 99, wraps=wraps)
     assert m.get(f.ino) == before
     assert m.wraps(f.ino) == {OWNER: b"old-wrap", FRIEND: b"old-friend"}
@@ -630,6 +633,7 @@ def test_commit_version_is_atomic(m, db_path, wraps):
 def test_commit_version_is_atomic_when_the_database_fails(m, monkeypatch):
     f = mkfile(m, ROOT_INODE, b"f")
     commit(m, f.ino, "cid-old")
+    m.add_grant(f.ino, FRIEND, b"friend's public file", now_ns=T0)
     before = m.get(f.ino)
     calls = 0
     real = Manifest._insert_wrap
@@ -905,18 +909,51 @@ def test_commit_version_compare_and_swap(tmp_path: Path) -> None:
     with new_manifest(tmp_path / "m.db") as m:
         f = mkfile(m, ROOT_INODE, b"f")
         common = {"salt": b"s" * 32, "size": 1, "format": 1, "mtime_ns": T0, "version_ns": T0}
-        m.commit_version(f.ino, cid="bafyone", wraps={"o": b"w"}, **common)  # type: ignore[arg-type]
+        m.commit_version(f.ino, cid="bafyone", wraps={OWNER: b"w"}, **common)  # type: ignore[arg-type]
         with pytest.raises(VersionConflict):
             m.commit_version(
                 f.ino,
                 cid="bafytwo",
-                wraps={"o": b"w"},
+                wraps={OWNER: b"w"},
                 expected_cid="bafyzero",
                 **common,  # type: ignore[arg-type]
             )
         assert m.get(f.ino).cid == "bafyone"  # type: ignore[union-attr]
-        m.commit_version(f.ino, cid="bafytwo", wraps={"o": b"w"}, expected_cid="bafyone", **common)  # type: ignore[arg-type]
+        m.commit_version(
+            f.ino, cid="bafytwo", wraps={OWNER: b"w"}, expected_cid="bafyone", **common
+        )  # type: ignore[arg-type]
         assert m.get(f.ino).cid == "bafytwo"  # type: ignore[union-attr]
+
+
+def test_a_version_is_committed_only_when_wrapped_for_exactly_who_may_read_it(m):
+    shared = mkdir(m, ROOT_INODE, b"shared")
+    inside, outside = mkfile(m, shared.ino, b"in"), mkfile(m, ROOT_INODE, b"out")
+    m.add_grant(shared.ino, FRIEND, b"friend's public file", now_ns=T0)
+    assert m.recipients_of(inside.ino) == {OWNER, FRIEND}
+    assert m.recipients_of(outside.ino) == {OWNER}
+    # Wrapped before the grant landed: the friend could never open it.
+    with pytest.raises(mf.RecipientsChanged) as missing:
+        commit(m, inside.ino, "c1")
+    assert missing.value.inos == (inside.ino,)
+    # Wrapped for someone with no grant (revoked meanwhile, or the file moved away).
+    with pytest.raises(mf.RecipientsChanged):
+        commit(m, outside.ino, "c2", wraps={OWNER: b"w", FRIEND: b"w"})
+    assert m.get(inside.ino).cid is None and m.get(outside.ino).cid is None
+    assert m.wraps(inside.ino) == {} and m.wraps(outside.ino) == {}
+    commit(m, inside.ino, "c1", wraps={OWNER: b"w", FRIEND: b"w"})
+    assert m.wraps(inside.ino) == {OWNER: b"w", FRIEND: b"w"}
+
+
+def test_a_group_commit_names_every_version_wrapped_for_the_wrong_people(m):
+    shared = mkdir(m, ROOT_INODE, b"shared")
+    a, b = mkfile(m, shared.ino, b"a"), mkfile(m, shared.ino, b"b")
+    c = mkfile(m, ROOT_INODE, b"c")
+    m.add_grant(shared.ino, FRIEND, b"friend's public file", now_ns=T0)
+    with pytest.raises(mf.RecipientsChanged) as stale:
+        m.commit_group([version(a.ino, "a1"), version(c.ino, "c1"), version(b.ino, "b1")], "g1")
+    assert stale.value.inos == (a.ino, b.ino)
+    assert m.get(c.ino).cid is None  # nothing of the group was committed
+    assert m.pin_groups() == set()
 
 
 # -- pin groups: versions kept by one pin of the directory they were uploaded in ----------------
