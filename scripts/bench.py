@@ -379,6 +379,7 @@ class Bench:
             tree = self.tree()
             adds: list[float] = []
             cps: list[float] = []
+            syncs: list[float] = []  # of each cp's time, the wait in `sync DIR` after it
             for n in range(self.sizes.tree_rounds):
                 start = time.perf_counter()
                 cid = self.ipfs_add(tree, "-r")
@@ -388,8 +389,10 @@ class Bench:
                 with self.mounted():
                     start = time.perf_counter()
                     self.run("cp", "-r", str(tree), str(target))
+                    copied = time.perf_counter()
                     self.run("sync", str(target))
                     cps.append(time.perf_counter() - start)
+                    syncs.append(time.perf_counter() - copied)
                     stats = self.mount_stats()
                     if stats.get("pending") or stats.get("deferred"):
                         raise BenchError(f"cp -r left versions uncommitted: {stats}")
@@ -397,7 +400,7 @@ class Bench:
                         shutil.rmtree(target)  # the other sections use the first copy
             self.figures["tree_cp_s"] = statistics.median(cps)
             self.figures["tree_add_s"] = statistics.median(adds)
-            self.tree_rounds = {"cp_s": cps, "add_s": adds}
+            self.tree_rounds = {"cp_s": cps, "sync_s": syncs, "add_s": adds}
         return self.figures
 
 
