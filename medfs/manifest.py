@@ -1145,6 +1145,8 @@ class Manifest:
     def grantees(self, ino: int) -> dict[str, bytes]:
         """Who may read `ino`: the grants on it and on every directory above it (the nearest
         one's public file, should two name the same identity)."""
+        if self._conn.execute("SELECT 1 FROM grants LIMIT 1").fetchone() is None:
+            return {}  # nothing is shared: no walk up the tree (every commit asks, twice)
         chain = [ino] + [parent for _, parent, _ in self._ancestry(ino)]
         # One query for the whole chain, not one per level: every committed version asks.
         marks = ",".join("?" * len(chain))  # placeholders only, hence the noqa
