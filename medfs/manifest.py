@@ -1058,9 +1058,18 @@ class Manifest:
         meanwhile wraps only the versions committed before it, so a version wrapped for the
         old recipients would stay unreadable to the new one, and one wrapped before a
         revocation would stay readable to the revoked one."""
+        for v in versions:
+            self._need_file(v.ino)  # a missing file or a directory is an error of its own
         stale = [v.ino for v in versions if set(v.wraps) != self.recipients_of(v.ino)]
         if stale:
             raise RecipientsChanged(stale)
+
+    def _need_file(self, ino: int) -> Inode:
+        inode = self._need(ino)
+        if inode.kind is not Kind.FILE:
+            code = errno.EISDIR if inode.kind is Kind.DIR else errno.EINVAL
+            raise _oserror(code, f"inode {ino} is not a regular file")
+        return inode
 
     def recipients_of(self, ino: int) -> set[str]:
         """The fingerprints a new version of `ino` must be wrapped for: the owner's and every
@@ -1072,10 +1081,7 @@ class Manifest:
     def _commit_version(self, v: NewVersion, expected_cid: str | object | None) -> str | None:
         """The previous CID, or None if there was none or it is the same (transaction open)."""
         db = self._conn
-        inode = self._need(v.ino)
-        if inode.kind is not Kind.FILE:
-            code = errno.EISDIR if inode.kind is Kind.DIR else errno.EINVAL
-            raise _oserror(code, f"inode {v.ino} is not a regular file")
+        inode = self._need_file(v.ino)
         if expected_cid is not ANY_CID and inode.cid != expected_cid:
             raise VersionConflict(f"inode {v.ino} has a newer version")
         db.execute(
