@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 import time
@@ -28,12 +29,14 @@ from medfs.errors import FormatError, MedfsError, UsageError
 from medfs.identity import Identity, PublicIdentity
 from medfs.ipfs import IPFS
 from medfs.manifest import (
+    RECIPIENT_TRIES,
     Inode,
     Kind,
     Manifest,
     NameCipher,
     RecipientsChanged,
     VersionConflict,
+    recipients_never_match,
 )
 
 # Revocation re-encrypts in pieces of this size: memory stays bounded whatever the file size.
@@ -374,7 +377,7 @@ def _reencrypt(
 
     new_cid = ipfs.add(stream())
     context = recipients.entry_context(inode.entry_id, new_salt)
-    while True:
+    for tries in itertools.count(1):
         to = [owner.public.recipient()] + [
             PublicIdentity.from_text(public.decode()).recipient()
             for public in manifest.grantees(inode.ino).values()
@@ -392,8 +395,10 @@ def _reencrypt(
                 wraps=wraps,
                 expected_cid=old_cid,
             )
-        except RecipientsChanged:
-            continue  # a share landed between reading the grantees and the commit: again
+        except RecipientsChanged as err:  # a share landed between the grantees and the commit
+            if tries == RECIPIENT_TRIES:
+                raise recipients_never_match(err) from None
+            continue
         except VersionConflict:
             # A newer version was written meanwhile, already wrapped only for current grantees.
             with contextlib.suppress(MedfsError):

@@ -51,7 +51,14 @@ from medfs.content import (
 from medfs.errors import FormatError, IPFSError, MedfsError
 from medfs.identity import Identity, PublicIdentity
 from medfs.layout import SEGMENT_SIZE, ciphertext_size
-from medfs.manifest import Inode, Manifest, NewVersion, RecipientsChanged
+from medfs.manifest import (
+    RECIPIENT_TRIES,
+    Inode,
+    Manifest,
+    NewVersion,
+    RecipientsChanged,
+    recipients_never_match,
+)
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +443,7 @@ class Filesystem(pyfuse3.Operations):
             live.append((record, cid, inode.entry_id))
             replaced[record.ino] = inode.cid
         wraps = await self._wrap_now(live)
-        while True:
+        for tries in itertools.count(1):
             # Back on the trio thread: a save that superseded one of them meanwhile wins.
             current = [(r, cid) for r, cid, _ in live if self._committable(r)]
             if not current:
@@ -449,6 +456,8 @@ class Filesystem(pyfuse3.Operations):
                 unpin = self.manifest.commit_group(versions, group)
                 break
             except RecipientsChanged as err:  # a share or a revoke landed during the wraps
+                if tries == RECIPIENT_TRIES:
+                    raise recipients_never_match(err) from None
                 wraps |= await self._wrap_now([item for item in live if item[0].ino in err.inos])
         events = [
             ("version", v.cid, {"path": self._path(v.ino), "size": v.size,
@@ -694,7 +703,7 @@ class Filesystem(pyfuse3.Operations):
         """Make an uploaded object the file's version: wraps, manifest, audit, old unpinned."""
         inode = self._inode(ino)
         previous = inode.cid
-        while True:
+        for tries in itertools.count(1):
             to = self._recipients(ino)  # the manifest is read on this thread only
             wraps = await trio.to_thread.run_sync(self._wrap_all, to, inode.entry_id, key, salt)
             try:
@@ -703,8 +712,9 @@ class Filesystem(pyfuse3.Operations):
                     mtime_ns=mtime_ns, version_ns=time.time_ns(), wraps=wraps,
                 )  # fmt: skip
                 break
-            except RecipientsChanged:  # a share or a revoke landed during the wraps: again
-                continue
+            except RecipientsChanged as err:  # a share or a revoke landed during the wraps
+                if tries == RECIPIENT_TRIES:
+                    raise recipients_never_match(err) from None
         self._versions[ino] = Version(cid, key, salt, size)
         if previous is not None and previous != cid:
             self._drop_copies_later([previous])

@@ -277,6 +277,20 @@ class RecipientsChanged(Exception):
         self.inos = tuple(inos)
 
 
+# A share lands between one wrap and its commit rarely; every time, this many times in a row,
+# means the wraps can never match: a grant whose fingerprint is not its public file's.
+RECIPIENT_TRIES = 5
+
+
+def recipients_never_match(err: RecipientsChanged) -> FormatError:
+    """What a committer raises after RECIPIENT_TRIES commits refused with `err`."""
+    inodes = ", ".join(map(str, err.inos))
+    return FormatError(
+        f"the wraps of inode {inodes} never match its grants: a grant in the manifest is damaged",
+        hint="`medfs grants` lists them; revoke the damaged one and share again",
+    )
+
+
 class Stats(NamedTuple):
     files: int
     dirs: int
@@ -1097,22 +1111,30 @@ class Manifest:
     def add_wrap(self, ino: int, fingerprint: str, stanza: bytes) -> None:
         """Add (or replace) one recipient's wrap of the current version, e.g. for a share.
 
-        FileNotFoundError if missing; ValueError if the file has no committed version yet.
+        FileNotFoundError if missing; ValueError if the file has no committed version yet, or
+        if `fingerprint` is neither the owner nor a grantee of the file (`recipients_of`).
         """
         with self._write():
             if self._need(ino).cid is None:
                 raise ValueError(f"inode {ino} has no committed version to share")
+            if fingerprint not in self.recipients_of(ino):
+                raise ValueError(f"{fingerprint} has no grant on inode {ino}")
             self._insert_wrap(ino, fingerprint, stanza)
 
     def add_wraps(self, wraps: Sequence[tuple[int, str, str, bytes]]) -> int:
         """Add (or replace) many recipients' wraps `(ino, cid, fingerprint, stanza)` in one
-        transaction, each only if `cid` is still the file's version: a newer one, committed
-        meanwhile by a running mount, was wrapped for current grantees already. Returns how
-        many were added."""
+        transaction, each only if `cid` is still the file's version (a newer one, committed
+        meanwhile by a running mount, was wrapped for current grantees already) and the
+        fingerprint is still one of its `recipients_of` (a revoke or a move since the wrap was
+        made must not be undone). Returns how many were added."""
         for _ino, _cid, fingerprint, stanza in wraps:
             _check_wrap(fingerprint, stanza)
-        rows = [(ino, fpr, stanza, ino, cid) for ino, cid, fpr, stanza in wraps]
         with self._write() as db:
+            rows = [
+                (ino, fpr, stanza, ino, cid)
+                for ino, cid, fpr, stanza in wraps
+                if fpr in self.recipients_of(ino)
+            ]
             return db.executemany(_INSERT_WRAP_IF_CURRENT, rows).rowcount
 
     def remove_wrap(self, ino: int, fingerprint: str) -> None:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -51,7 +52,14 @@ from medfs.errors import (
 )
 from medfs.identity import PublicIdentity
 from medfs.ipfs import IPFS
-from medfs.manifest import Inode, Kind, RecipientsChanged, new_entry_id
+from medfs.manifest import (
+    RECIPIENT_TRIES,
+    Inode,
+    Kind,
+    RecipientsChanged,
+    new_entry_id,
+    recipients_never_match,
+)
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -447,14 +455,16 @@ def import_package(
         created = manifest.create(
             parent.ino, name, Kind.FILE, mode, os.getuid(), os.getgid(), now, entry_id=entry_id
         )
-        while True:
+        for tries in itertools.count(1):
             try:
                 manifest.commit_version(
                     created.ino, cid=cid, salt=salt, size=len(plain), format=format.VERSION,
                     mtime_ns=now, version_ns=now, wraps=wraps_for(created.ino), expected_cid=None,
                 )  # fmt: skip
-            except RecipientsChanged:
-                continue  # a share landed between reading the grantees and the commit: again
+            except RecipientsChanged as err:  # a share landed between the grantees and the commit
+                if tries == RECIPIENT_TRIES:
+                    raise recipients_never_match(err) from None
+                continue
             break
     except BaseException as err:
         if created is not None:

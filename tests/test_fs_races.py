@@ -36,7 +36,7 @@ from medfs.identity import Identity
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
 from medfs.layout import SEGMENT_SIZE as SEG
-from medfs.manifest import Manifest
+from medfs.manifest import RECIPIENT_TRIES, Manifest, RecipientsChanged
 from medfs.recipients import Stanza
 from tests.mounting import PASSPHRASE, init_state
 from tests.test_reliability import _fixed_port_node
@@ -319,5 +319,47 @@ def test_a_share_landing_during_a_revoke_is_wrapped_into_the_new_version(
         finally:
             session.manifest.close()
             ipfs.close()
+    finally:
+        node.stop()
+
+
+def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
+    tmp_path: Path,
+) -> None:
+    """A grant whose fingerprint is not its public file's can never be matched by wraps made
+    from that file: the commit gives up after RECIPIENT_TRIES refusals, and the close says so."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    friend, stranger = Identity.generate(), Identity.generate()
+
+    async def scenario(fs: Filesystem) -> None:
+        shared = await fs.mkdir(pyfuse3.ROOT_INODE, b"shared", 0o700, CTX)
+        fs.manifest.add_grant(
+            shared.st_ino, stranger.fingerprint, friend.public.to_text().encode(), now_ns=1
+        )
+        real_commit = fs.manifest.commit_version
+        refused = 0
+
+        def counted(*args: Any, **kwargs: Any) -> str | None:
+            nonlocal refused
+            try:
+                return real_commit(*args, **kwargs)
+            except RecipientsChanged:
+                refused += 1
+                raise
+
+        fs.manifest.commit_version = counted  # type: ignore[method-assign]
+        info, _ = await fs.create(shared.st_ino, b"scan.dcm", 0o600, os.O_WRONLY, CTX)
+        await fs.write(info.fh, 0, os.urandom(SEG * 20))  # big: committed at its close
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await fs.flush(info.fh)
+        assert failed.value.errno == errno.EIO
+        assert refused == RECIPIENT_TRIES
+        fs.manifest.remove_grant(shared.st_ino, stranger.fingerprint)
+        await fs.write(info.fh, 0, b"again")
+        await fs.flush(info.fh)  # with the damage gone, the next save commits
+        await fs.release(info.fh)
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
     finally:
         node.stop()

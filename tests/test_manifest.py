@@ -658,6 +658,9 @@ def test_add_and_remove_wraps(m):
     with pytest.raises(ValueError, match="no committed version"):
         m.add_wrap(f.ino, FRIEND, b"w")
     commit(m, f.ino, "c")
+    with pytest.raises(ValueError, match="no grant"):
+        m.add_wrap(f.ino, FRIEND, b"w0")
+    m.add_grant(f.ino, FRIEND, b"friend's public file", now_ns=T0)
     m.add_wrap(f.ino, FRIEND, b"w1")
     m.add_wrap(f.ino, FRIEND, b"w2")
     assert m.wraps(f.ino) == {OWNER: b"stanza-c", FRIEND: b"w2"}
@@ -751,7 +754,9 @@ def test_cids_and_statistics(m):
 def test_reopening_keeps_everything(m, db_path):
     build_tree(m)
     m.set_meta("manifest_id", b"id")
-    m.add_wrap(m.resolve("/records/note.txt").ino, FRIEND, b"shared")
+    note = m.resolve("/records/note.txt").ino
+    m.add_grant(note, FRIEND, b"friend's public file", now_ns=T0)
+    m.add_wrap(note, FRIEND, b"shared")
     before = list(m.walk())
     wraps = {node.ino: m.wraps(node.ino) for _, node in before if node.kind is Kind.FILE}
     readlinks = m.readlink(m.resolve("/latest").ino)
@@ -1055,11 +1060,30 @@ def test_wraps_added_in_one_go_skip_versions_replaced_meanwhile(m):
     a, b = mkfile(m, ROOT_INODE, b"a"), mkfile(m, ROOT_INODE, b"b")
     commit(m, a.ino, "a1")
     commit(m, b.ino, "b1")
-    commit(m, b.ino, "b2")  # as a running mount would, after the share read b1's key
+    m.add_grant(ROOT_INODE, FRIEND, b"friend's public file", now_ns=T0)
+    commit(m, b.ino, "b2", wraps={OWNER: b"o", FRIEND: b"f"})  # a mount, after the share read b1
+    m.add_wrap(b.ino, FRIEND, b"from-the-mount")
     added = m.add_wraps([(a.ino, "a1", FRIEND, b"for-a1"), (b.ino, "b1", FRIEND, b"for-b1")])
     assert added == 1
     assert m.wraps(a.ino)[FRIEND] == b"for-a1"
-    assert FRIEND not in m.wraps(b.ino)  # a stanza for b1's key would not open b2
+    assert m.wraps(b.ino)[FRIEND] == b"from-the-mount"  # b1's stanza would not open b2
+
+
+def test_wraps_added_in_one_go_skip_recipients_revoked_meanwhile(m):
+    shared, other = mkdir(m, ROOT_INODE, b"shared"), mkdir(m, ROOT_INODE, b"other")
+    a, b = mkfile(m, shared.ino, b"a"), mkfile(m, shared.ino, b"b")
+    m.add_grant(shared.ino, FRIEND, b"friend's public file", now_ns=T0)
+    for f in (a, b):
+        commit(m, f.ino, f"c{f.ino}", wraps={OWNER: b"o", FRIEND: b"f"})
+    m.remove_wrap(a.ino, FRIEND)
+    m.remove_wrap(b.ino, FRIEND)
+    # A share wrapped both; then b moved away and a revoke came, before its wraps landed.
+    m.rename(shared.ino, b"b", other.ino, b"b", now_ns=T0 + 9)
+    late = [(f.ino, f"c{f.ino}", FRIEND, b"w") for f in (a, b)]
+    assert m.add_wraps(late) == 1
+    m.remove_grant(shared.ino, FRIEND)
+    assert m.add_wraps([(a.ino, f"c{a.ino}", FRIEND, b"w2")]) == 0
+    assert m.wraps(a.ino)[FRIEND] == b"w" and FRIEND not in m.wraps(b.ino)
 
 
 def test_a_bad_wrap_among_many_adds_none(m):
@@ -1074,6 +1098,7 @@ def test_wrapped_for_gives_each_inode_with_its_wrap_in_batches(m):
     files = [mkfile(m, ROOT_INODE, b"f%d" % i) for i in range(1201)]  # over two batches
     for f in files[:-1]:
         commit(m, f.ino, f"c{f.ino}")
+    m.add_grant(ROOT_INODE, FRIEND, b"friend's public file", now_ns=T0)
     # The last file has no version, so no wrap is added to it.
     added = m.add_wraps([(f.ino, f"c{f.ino}", FRIEND, b"friend-%d" % f.ino) for f in files[::2]])
     assert added == 600
