@@ -264,7 +264,7 @@ def grants_of(session: state.Session) -> dict[str, list[tuple[str, str]]]:
 
 @dataclass(frozen=True)
 class Reencrypted:
-    path: str
+    path: str  # in the manifest, from its root: "/shared/scan.dcm"
     old_cid: str
     new_cid: str
     size: int
@@ -303,19 +303,44 @@ def revoke(
             )
     done: list[Reencrypted] = []
     others: set[str] = set()
-    for top in tops:
-        for rel, inode in _subtree(manifest, top):
-            if inode.kind != Kind.FILE or inode.cid is None:
-                continue
-            if fingerprint in manifest.grantees(inode.ino):
-                continue  # still granted through another path
-            if fingerprint not in manifest.wraps(inode.ino):
-                continue
-            result = _reencrypt(session, inode, ipfs, progress, copies)
-            if result is not None:
-                done.append(Reencrypted(rel or _name_of(manifest, top), *result))
-            others.update(manifest.grantees(inode.ino))
+    for path, inode in _opened_without_grant(manifest, tops, fingerprint):
+        result = _reencrypt(session, inode, ipfs, progress, copies)
+        if result is not None:
+            done.append(Reencrypted(path, *result))
+        others.update(manifest.grantees(inode.ino))
     return done, others
+
+
+def _opened_without_grant(
+    manifest: Manifest, tops: list[Inode], fingerprint: str
+) -> Iterator[tuple[str, Inode]]:
+    """(path, file) for every file whose current version `fingerprint` can open though no
+    grant lets them read it any more, with its path in the manifest: below `tops`, then
+    anywhere else (a file moved out of a shared directory keeps its wraps until its next
+    version, and revoking the directory must not leave it open to the revoked key)."""
+    seen: set[int] = set()
+    for top in tops:
+        base = os.fsdecode(manifest.path_of(top.ino) or b"/").rstrip("/")
+        for rel, inode in _subtree(manifest, top):
+            if inode.kind == Kind.FILE and inode.ino not in seen:
+                seen.add(inode.ino)
+                if _opened_without_grant_now(manifest, inode, fingerprint):
+                    yield f"{base}/{rel}" if rel else base, inode
+    for ino in manifest.files_wrapped_for(fingerprint):
+        elsewhere = manifest.get(ino)
+        path = manifest.path_of(ino)
+        if ino in seen or elsewhere is None or path is None:
+            continue  # done above; or gone, or unlinked and about to be
+        if _opened_without_grant_now(manifest, elsewhere, fingerprint):
+            yield os.fsdecode(path), elsewhere
+
+
+def _opened_without_grant_now(manifest: Manifest, inode: Inode, fingerprint: str) -> bool:
+    return (
+        inode.cid is not None
+        and fingerprint not in manifest.grantees(inode.ino)  # still granted through another path
+        and fingerprint in manifest.wraps(inode.ino)
+    )
 
 
 def _still_readable_by(manifest: Manifest, top: Inode, fingerprint: str) -> bool:

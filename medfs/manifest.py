@@ -694,6 +694,13 @@ class Manifest:
                 out[row[0]] = (_inode(row[:-1]), None if stanza is None else bytes(stanza))
         return out
 
+    def files_wrapped_for(self, fingerprint: str) -> list[int]:
+        """The inodes whose current version has a wrap for `fingerprint`."""
+        rows = self._conn.execute(
+            "SELECT ino FROM wraps WHERE fingerprint = ? ORDER BY ino", (fingerprint,)
+        )
+        return [ino for (ino,) in rows]
+
     def orphans(self) -> list[Inode]:
         """Inodes (not the root) without a directory entry: unlinked while open, then a crash."""
         rows = self._conn.execute(_ORPHANS)

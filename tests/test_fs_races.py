@@ -363,3 +363,44 @@ def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
         run_with_filesystem(tmp_path, api, scenario)
     finally:
         node.stop()
+
+
+def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(tmp_path: Path) -> None:
+    """A file moved out of a shared directory keeps the grantee's wrap of its version: revoking
+    the directory re-encrypts it too, or the revoked key would still open it."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    bob = Identity.generate()
+
+    async def write(fs: Filesystem) -> None:
+        shared = await fs.mkdir(pyfuse3.ROOT_INODE, b"shared", 0o700, CTX)
+        for name in (b"kept.dcm", b"moved.dcm"):
+            info, _ = await fs.create(shared.st_ino, name, 0o600, os.O_WRONLY, CTX)
+            await fs.write(info.fh, 0, os.urandom(5000))
+            await fs.fsync(info.fh, False)
+            await fs.release(info.fh)
+
+    try:
+        run_with_filesystem(tmp_path, api, write)
+        session = state.unlock(state.Layout(tmp_path / "state"), PASSPHRASE)
+        ipfs = IPFS(api, timeout=5)
+        manifest = session.manifest
+        try:
+            assert access.grant(session, ["/shared"], bob.public, workers=1) == 2
+            shared, root = manifest.resolve(b"/shared"), manifest.resolve(b"/")
+            assert shared is not None and root is not None
+            manifest.rename(shared.ino, b"moved.dcm", root.ino, b"moved.dcm", now_ns=1)
+            moved = manifest.resolve(b"/moved.dcm")
+            assert moved is not None and bob.fingerprint in manifest.wraps(moved.ino)
+            done, _others = access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
+            assert sorted(r.path for r in done) == ["/moved.dcm", "/shared/kept.dcm"]
+            for path in (b"/shared/kept.dcm", b"/moved.dcm"):
+                inode = manifest.resolve(path)
+                assert inode is not None
+                assert set(manifest.wraps(inode.ino)) == {session.owner.fingerprint}
+            again = manifest.resolve(b"/moved.dcm")
+            assert again is not None and again.cid != moved.cid  # a new key, a new object
+        finally:
+            manifest.close()
+            ipfs.close()
+    finally:
+        node.stop()
