@@ -199,8 +199,6 @@ def _progress_bar(total: int) -> access.Progress | None:
             f"\rre-encrypting [{'#' * filled}{'.' * (width - filled)}]"
             f" {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB"
         )
-        if done >= total:
-            sys.stderr.write("\n")
         sys.stderr.flush()
 
     return update
@@ -225,9 +223,12 @@ def run_revoke(args: argparse.Namespace) -> int:
             for _rel, inode in access._subtree(session.manifest, top)
         )
         copies = LocalCopies.view(layout.copies)
-        done, others = access.revoke(
-            session, paths, who.fingerprint, ipfs, _progress_bar(total), copies
-        )
+        progress = _progress_bar(total)
+        try:
+            done, others = access.revoke(session, paths, who.fingerprint, ipfs, progress, copies)
+        finally:
+            if progress is not None:  # the bar's line ends here, however far it got
+                sys.stderr.write("\n")
         with journal(layout, session) as log:
             log.append(
                 "revoke",
