@@ -275,23 +275,27 @@ def revoke(
     paths: list[str],
     fingerprint: str,
     ipfs: IPFS,
-    progress: Progress | None = None,
+    progress: Callable[[int], Progress | None] | None = None,
     copies: LocalCopies | None = None,
 ) -> tuple[list[Reencrypted], set[str]]:
-    """Remove `fingerprint`'s grants on `paths`; re-encrypt every file it could open there.
+    """Remove `fingerprint`'s grants on `paths`; re-encrypt every file it can still open that
+    no remaining grant covers (`_opened_without_grant`).
 
+    `progress`, given the bytes to re-encrypt, returns what to call with each piece done.
     Old versions are read from their local copies where there are some, and those copies are
     deleted once the new version is committed. Returns the re-encrypted files and the
     remaining recipients who need a fresh manifest.
     """
     manifest = session.manifest
+    if fingerprint == session.owner.fingerprint:
+        raise UsageError("that is the owner's own identity: it cannot be revoked")
     tops = [_resolve(manifest, p) for p in paths]
     for path, top in zip(paths, tops, strict=True):
-        if not manifest.remove_grant(top.ino, fingerprint) and not _still_readable_by(
-            manifest, top, fingerprint
+        # (A grant already removed while files still carry wraps for the recipient is a
+        # revoke that was interrupted: carrying on is what finishes it.)
+        if not manifest.remove_grant(top.ino, fingerprint) and not any(
+            _opened_without_grant(manifest, [top], fingerprint)
         ):
-            # (A grant already removed while files still carry wraps for the recipient is a
-            # revoke that was interrupted: carrying on is what finishes it.)
             where = [
                 os.fsdecode(manifest.path_of(ino) or b"?")
                 for ino, fpr, _p, _t in manifest.grants()
@@ -301,10 +305,12 @@ def revoke(
                 f"{path} is not granted to {fingerprint}",
                 hint=f"its grants are on: {', '.join(where)}" if where else "it has no grants",
             )
+    todo = list(_opened_without_grant(manifest, tops, fingerprint))
+    report = progress(sum(inode.size for _, inode in todo)) if progress is not None else None
     done: list[Reencrypted] = []
     others: set[str] = set()
-    for path, inode in _opened_without_grant(manifest, tops, fingerprint):
-        result = _reencrypt(session, inode, ipfs, progress, copies)
+    for path, inode in todo:
+        result = _reencrypt(session, inode, ipfs, report, copies)
         if result is not None:
             done.append(Reencrypted(path, *result))
         others.update(manifest.grantees(inode.ino))
@@ -327,10 +333,11 @@ def _opened_without_grant(
                 if _opened_without_grant_now(manifest, inode, fingerprint):
                     yield f"{base}/{rel}" if rel else base, inode
     for ino in manifest.files_wrapped_for(fingerprint):
-        elsewhere = manifest.get(ino)
-        path = manifest.path_of(ino)
-        if ino in seen or elsewhere is None or path is None:
-            continue  # done above; or gone, or unlinked and about to be
+        if ino in seen:
+            continue
+        elsewhere, path = manifest.get(ino), manifest.path_of(ino)
+        if elsewhere is None or path is None:
+            continue  # gone, or unlinked and about to be
         if _opened_without_grant_now(manifest, elsewhere, fingerprint):
             yield os.fsdecode(path), elsewhere
 
@@ -338,17 +345,8 @@ def _opened_without_grant(
 def _opened_without_grant_now(manifest: Manifest, inode: Inode, fingerprint: str) -> bool:
     return (
         inode.cid is not None
-        and fingerprint not in manifest.grantees(inode.ino)  # still granted through another path
+        and fingerprint not in manifest.recipients_of(inode.ino)  # not the owner, nor granted
         and fingerprint in manifest.wraps(inode.ino)
-    )
-
-
-def _still_readable_by(manifest: Manifest, top: Inode, fingerprint: str) -> bool:
-    return any(
-        inode.kind == Kind.FILE
-        and fingerprint in manifest.wraps(inode.ino)
-        and fingerprint not in manifest.grantees(inode.ino)
-        for _rel, inode in _subtree(manifest, top)
     )
 
 

@@ -31,6 +31,7 @@ from medfs.content import (
     pending_key,
     seal_small,
 )
+from medfs.errors import UsageError
 from medfs.fs import Filesystem
 from medfs.identity import Identity
 from medfs.ipfs import IPFS
@@ -365,9 +366,12 @@ def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
         node.stop()
 
 
-def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(tmp_path: Path) -> None:
+def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A file moved out of a shared directory keeps the grantee's wrap of its version: revoking
-    the directory re-encrypts it too, or the revoked key would still open it."""
+    the directory re-encrypts it too, or the revoked key would still open it; a revoke cut off
+    before it got there finishes it when run again."""
     node, api = _fixed_port_node(tmp_path / "node")
     bob = Identity.generate()
 
@@ -391,8 +395,24 @@ def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(tmp_path: 
             manifest.rename(shared.ino, b"moved.dcm", root.ino, b"moved.dcm", now_ns=1)
             moved = manifest.resolve(b"/moved.dcm")
             assert moved is not None and bob.fingerprint in manifest.wraps(moved.ino)
+            with pytest.raises(UsageError, match="owner's own"):
+                access.revoke(session, ["/shared"], session.owner.fingerprint, ipfs)
+            real_reencrypt = access._reencrypt
+            done_before: list[str] = []
+
+            def cut_off_after_one(session: state.Session, inode: Any, *args: Any) -> Any:
+                if done_before:
+                    raise KeyboardInterrupt  # the user gave up half-way
+                done_before.append(manifest.path_of(inode.ino))
+                return real_reencrypt(session, inode, *args)
+
+            monkeypatch.setattr(access, "_reencrypt", cut_off_after_one)
+            with pytest.raises(KeyboardInterrupt):
+                access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
+            assert done_before == [b"/shared/kept.dcm"]
+            monkeypatch.setattr(access, "_reencrypt", real_reencrypt)
             done, _others = access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
-            assert sorted(r.path for r in done) == ["/moved.dcm", "/shared/kept.dcm"]
+            assert [r.path for r in done] == ["/moved.dcm"]  # the grant was gone already
             for path in (b"/shared/kept.dcm", b"/moved.dcm"):
                 inode = manifest.resolve(path)
                 assert inode is not None

@@ -185,23 +185,33 @@ def _share_here(
         session.manifest.close()
 
 
-def _progress_bar(total: int) -> access.Progress | None:
-    if not sys.stderr.isatty() or total <= 0:
-        return None
-    done = 0
+class _ProgressBar:
+    """Re-encryption progress on a terminal's stderr; `start` is revoke's `progress`."""
 
-    def update(n: int) -> None:
-        nonlocal done
-        done += n
+    def __init__(self) -> None:
+        self.total = self.done = 0
+        self.drawn = False
+
+    def start(self, total: int) -> access.Progress | None:
+        if not sys.stderr.isatty() or total <= 0:
+            return None
+        self.total = total
+        return self.update
+
+    def update(self, n: int) -> None:
+        self.done += n
         width = 40
-        filled = min(width, done * width // total)
+        filled = min(width, self.done * width // self.total)
         sys.stderr.write(
             f"\rre-encrypting [{'#' * filled}{'.' * (width - filled)}]"
-            f" {done / 2**20:,.0f}/{total / 2**20:,.0f} MiB"
+            f" {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB"
         )
         sys.stderr.flush()
+        self.drawn = True
 
-    return update
+    def end(self) -> None:
+        if self.drawn:  # the bar's line ends here, however far it got
+            sys.stderr.write("\n")
 
 
 def run_revoke(args: argparse.Namespace) -> int:
@@ -216,19 +226,12 @@ def run_revoke(args: argparse.Namespace) -> int:
         where = _mountpoint(layout)
         paths = [manifest_path(p, where) for p in args.paths]
         ipfs = IPFS(resolve_api(layout.root, args.api), timeout=300)
-        total = sum(
-            inode.size
-            for p in paths
-            if (top := session.manifest.resolve(p)) is not None
-            for _rel, inode in access._subtree(session.manifest, top)
-        )
         copies = LocalCopies.view(layout.copies)
-        progress = _progress_bar(total)
+        bar = _ProgressBar()
         try:
-            done, others = access.revoke(session, paths, who.fingerprint, ipfs, progress, copies)
+            done, others = access.revoke(session, paths, who.fingerprint, ipfs, bar.start, copies)
         finally:
-            if progress is not None:  # the bar's line ends here, however far it got
-                sys.stderr.write("\n")
+            bar.end()
         with journal(layout, session) as log:
             log.append(
                 "revoke",
