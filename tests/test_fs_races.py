@@ -8,10 +8,11 @@ that lands while a version is being wrapped reaches that version."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,44 @@ def test_a_read_waits_for_segments_another_read_is_fetching(
     assert (reader.fetches, reader.segments_fetched) == (1, 16)
 
 
+def on_a_node(tmp_path: Path, scenario: Callable[[Filesystem], Awaitable[None]]) -> None:
+    """`scenario` on a Filesystem with its own node, as `run_with_filesystem`."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
+@contextlib.contextmanager
+def written_then_unlocked(
+    tmp_path: Path, scenario: Callable[[Filesystem], Awaitable[None]]
+) -> Iterator[tuple[state.Session, IPFS]]:
+    """`scenario` on a Filesystem, which then shuts down; the state unlocked as a command
+    does, and the node, for what comes after."""
+    node, api = _fixed_port_node(tmp_path / "node")
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+        session = state.unlock(state.Layout(tmp_path / "state"), PASSPHRASE)
+        ipfs = IPFS(api, timeout=5)
+        try:
+            yield session, ipfs
+        finally:
+            session.manifest.close()
+            ipfs.close()
+    finally:
+        node.stop()
+
+
+async def saved(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
+    """A new file written, fsynced (its version committed) and closed; its inode."""
+    info, attrs = await fs.create(parent, name, 0o600, os.O_WRONLY, CTX)
+    await fs.write(info.fh, 0, data)
+    await fs.fsync(info.fh, False)
+    await fs.release(info.fh)
+    return attrs.st_ino
+
+
 @pytest.mark.parametrize(
     ("size", "grant"),
     [
@@ -222,7 +261,6 @@ def test_a_grant_or_revocation_during_the_wraps_reaches_the_version(
     """`medfs share` adds its grant, then wraps only the versions committed before it: a
     version whose wraps were made before the grant landed must be wrapped again at commit,
     or the new recipient could never open it (and a revoked one could open it)."""
-    node, api = _fixed_port_node(tmp_path / "node")
     friend = Identity.generate()
     data = os.urandom(size)
 
@@ -252,14 +290,10 @@ def test_a_grant_or_revocation_during_the_wraps_reaches_the_version(
 
         Filesystem._wrap_all = staticmethod(share_lands_meanwhile)  # type: ignore[method-assign]
         try:
-            info, attrs = await fs.create(shared.st_ino, b"scan.dcm", 0o600, os.O_WRONLY, CTX)
-            await fs.write(info.fh, 0, data)
-            await fs.fsync(info.fh, False)
-            await fs.release(info.fh)
+            ino = await saved(fs, shared.st_ino, b"scan.dcm", data)
         finally:
             Filesystem._wrap_all = staticmethod(real_wrap)  # type: ignore[method-assign]
         assert landed.is_set()  # the grant did land between the wraps and the commit
-        ino = attrs.st_ino
         inode = fs.manifest.get(ino)
         assert inode is not None and inode.cid is not None and inode.salt is not None
         wraps = fs.manifest.wraps(ino)
@@ -269,10 +303,7 @@ def test_a_grant_or_revocation_during_the_wraps_reaches_the_version(
             key = friend.unwrap(Stanza.from_bytes(wraps[friend.fingerprint]), context)
             assert key == fs._versions[ino].key
 
-    try:
-        run_with_filesystem(tmp_path, api, scenario)
-    finally:
-        node.stop()
+    on_a_node(tmp_path, scenario)
 
 
 def test_a_share_landing_during_a_revoke_is_wrapped_into_the_new_version(
@@ -280,48 +311,35 @@ def test_a_share_landing_during_a_revoke_is_wrapped_into_the_new_version(
 ) -> None:
     """A revoke re-encrypts, then reads the grantees and wraps: a grant for someone else that
     lands just before its commit must be in the new version's wraps."""
-    node, api = _fixed_port_node(tmp_path / "node")
     bob, carol = Identity.generate(), Identity.generate()
 
     async def write(fs: Filesystem) -> None:
-        info, _ = await fs.create(pyfuse3.ROOT_INODE, b"scan.dcm", 0o600, os.O_WRONLY, CTX)
-        await fs.write(info.fh, 0, os.urandom(5000))
-        await fs.fsync(info.fh, False)
-        await fs.release(info.fh)
+        await saved(fs, pyfuse3.ROOT_INODE, b"scan.dcm", os.urandom(5000))
 
-    try:
-        run_with_filesystem(tmp_path, api, write)
-        session = state.unlock(state.Layout(tmp_path / "state"), PASSPHRASE)
-        ipfs = IPFS(api, timeout=5)
-        try:
-            access.grant(session, ["/scan.dcm"], bob.public, workers=1)
-            scan = session.manifest.resolve(b"/scan.dcm")
-            assert scan is not None
-            ino = scan.ino
-            real_wrap = recipients.wrap
-            landed = []
+    with written_then_unlocked(tmp_path, write) as (session, ipfs):
+        access.grant(session, ["/scan.dcm"], bob.public, workers=1)
+        scan = session.manifest.resolve(b"/scan.dcm")
+        assert scan is not None
+        ino = scan.ino
+        real_wrap = recipients.wrap
+        landed = []
 
-            def carol_is_granted_meanwhile(*args: Any) -> Stanza:
-                if not landed:
-                    landed.append(True)
-                    other = Manifest.open(session.manifest.path)
-                    try:
-                        other.add_grant(ino, carol.fingerprint, carol.public.to_text().encode(),
-                                        now_ns=1)  # fmt: skip
-                    finally:
-                        other.close()
-                return real_wrap(*args)
+        def carol_is_granted_meanwhile(*args: Any) -> Stanza:
+            if not landed:
+                landed.append(True)
+                other = Manifest.open(session.manifest.path)
+                try:
+                    other.add_grant(ino, carol.fingerprint, carol.public.to_text().encode(),
+                                    now_ns=1)  # fmt: skip
+                finally:
+                    other.close()
+            return real_wrap(*args)
 
-            monkeypatch.setattr(recipients, "wrap", carol_is_granted_meanwhile)
-            done, _others = access.revoke(session, ["/scan.dcm"], bob.fingerprint, ipfs)
-            assert landed and len(done) == 1
-            wraps = session.manifest.wraps(ino)
-            assert set(wraps) == {session.owner.fingerprint, carol.fingerprint}
-        finally:
-            session.manifest.close()
-            ipfs.close()
-    finally:
-        node.stop()
+        monkeypatch.setattr(recipients, "wrap", carol_is_granted_meanwhile)
+        done, _others = access.revoke(session, ["/scan.dcm"], bob.fingerprint, ipfs)
+        assert landed and len(done) == 1
+        wraps = session.manifest.wraps(ino)
+        assert set(wraps) == {session.owner.fingerprint, carol.fingerprint}
 
 
 def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
@@ -329,7 +347,6 @@ def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
 ) -> None:
     """A grant whose fingerprint is not its public file's can never be matched by wraps made
     from that file: the commit gives up after RECIPIENT_TRIES refusals, and the close says so."""
-    node, api = _fixed_port_node(tmp_path / "node")
     friend, stranger = Identity.generate(), Identity.generate()
 
     async def scenario(fs: Filesystem) -> None:
@@ -360,10 +377,7 @@ def test_a_damaged_grant_fails_the_close_after_a_few_tries_instead_of_looping(
         await fs.flush(info.fh)  # with the damage gone, the next save commits
         await fs.release(info.fh)
 
-    try:
-        run_with_filesystem(tmp_path, api, scenario)
-    finally:
-        node.stop()
+    on_a_node(tmp_path, scenario)
 
 
 def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(
@@ -372,55 +386,42 @@ def test_a_revoke_reencrypts_a_file_moved_out_of_the_shared_directory(
     """A file moved out of a shared directory keeps the grantee's wrap of its version: revoking
     the directory re-encrypts it too, or the revoked key would still open it; a revoke cut off
     before it got there finishes it when run again."""
-    node, api = _fixed_port_node(tmp_path / "node")
     bob = Identity.generate()
 
     async def write(fs: Filesystem) -> None:
         shared = await fs.mkdir(pyfuse3.ROOT_INODE, b"shared", 0o700, CTX)
         for name in (b"kept.dcm", b"moved.dcm"):
-            info, _ = await fs.create(shared.st_ino, name, 0o600, os.O_WRONLY, CTX)
-            await fs.write(info.fh, 0, os.urandom(5000))
-            await fs.fsync(info.fh, False)
-            await fs.release(info.fh)
+            await saved(fs, shared.st_ino, name, os.urandom(5000))
 
-    try:
-        run_with_filesystem(tmp_path, api, write)
-        session = state.unlock(state.Layout(tmp_path / "state"), PASSPHRASE)
-        ipfs = IPFS(api, timeout=5)
+    with written_then_unlocked(tmp_path, write) as (session, ipfs):
         manifest = session.manifest
-        try:
-            assert access.grant(session, ["/shared"], bob.public, workers=1) == 2
-            shared, root = manifest.resolve(b"/shared"), manifest.resolve(b"/")
-            assert shared is not None and root is not None
-            manifest.rename(shared.ino, b"moved.dcm", root.ino, b"moved.dcm", now_ns=1)
-            moved = manifest.resolve(b"/moved.dcm")
-            assert moved is not None and bob.fingerprint in manifest.wraps(moved.ino)
-            with pytest.raises(UsageError, match="owner's own"):
-                access.revoke(session, ["/shared"], session.owner.fingerprint, ipfs)
-            real_reencrypt = access._reencrypt
-            done_before: list[str] = []
+        assert access.grant(session, ["/shared"], bob.public, workers=1) == 2
+        shared, root = manifest.resolve(b"/shared"), manifest.resolve(b"/")
+        assert shared is not None and root is not None
+        manifest.rename(shared.ino, b"moved.dcm", root.ino, b"moved.dcm", now_ns=1)
+        moved = manifest.resolve(b"/moved.dcm")
+        assert moved is not None and bob.fingerprint in manifest.wraps(moved.ino)
+        with pytest.raises(UsageError, match="owner's own"):
+            access.revoke(session, ["/shared"], session.owner.fingerprint, ipfs)
+        real_reencrypt = access._reencrypt
+        done_before: list[str] = []
 
-            def cut_off_after_one(session: state.Session, inode: Any, *args: Any) -> Any:
-                if done_before:
-                    raise KeyboardInterrupt  # the user gave up half-way
-                done_before.append(manifest.path_of(inode.ino))
-                return real_reencrypt(session, inode, *args)
+        def cut_off_after_one(session: state.Session, inode: Any, *args: Any) -> Any:
+            if done_before:
+                raise KeyboardInterrupt  # the user gave up half-way
+            done_before.append(manifest.path_of(inode.ino))
+            return real_reencrypt(session, inode, *args)
 
-            monkeypatch.setattr(access, "_reencrypt", cut_off_after_one)
-            with pytest.raises(KeyboardInterrupt):
-                access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
-            assert done_before == [b"/shared/kept.dcm"]
-            monkeypatch.setattr(access, "_reencrypt", real_reencrypt)
-            done, _others = access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
-            assert [r.path for r in done] == ["/moved.dcm"]  # the grant was gone already
-            for path in (b"/shared/kept.dcm", b"/moved.dcm"):
-                inode = manifest.resolve(path)
-                assert inode is not None
-                assert set(manifest.wraps(inode.ino)) == {session.owner.fingerprint}
-            again = manifest.resolve(b"/moved.dcm")
-            assert again is not None and again.cid != moved.cid  # a new key, a new object
-        finally:
-            manifest.close()
-            ipfs.close()
-    finally:
-        node.stop()
+        monkeypatch.setattr(access, "_reencrypt", cut_off_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
+        assert done_before == [b"/shared/kept.dcm"]
+        monkeypatch.setattr(access, "_reencrypt", real_reencrypt)
+        done, _others = access.revoke(session, ["/shared"], bob.fingerprint, ipfs)
+        assert [r.path for r in done] == ["/moved.dcm"]  # the grant was gone already
+        for path in (b"/shared/kept.dcm", b"/moved.dcm"):
+            inode = manifest.resolve(path)
+            assert inode is not None
+            assert set(manifest.wraps(inode.ino)) == {session.owner.fingerprint}
+        again = manifest.resolve(b"/moved.dcm")
+        assert again is not None and again.cid != moved.cid  # a new key, a new object
