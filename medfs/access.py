@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import os
 import time
@@ -26,17 +25,15 @@ from medfs import control, forked, format, layout, recipients, sharing, state
 from medfs.audit import AuditLog
 from medfs.copies import LocalCopies
 from medfs.errors import FormatError, MedfsError, UsageError
-from medfs.identity import Identity, PublicIdentity
+from medfs.identity import Identity, PublicIdentity, readers
 from medfs.ipfs import IPFS
 from medfs.manifest import (
-    RECIPIENT_TRIES,
     Inode,
     Kind,
     Manifest,
     NameCipher,
-    RecipientsChanged,
     VersionConflict,
-    recipients_never_match,
+    until_recipients_match,
 )
 
 # Revocation re-encrypts in pieces of this size: memory stays bounded whatever the file size.
@@ -400,34 +397,28 @@ def _reencrypt(
 
     new_cid = ipfs.add(stream())
     context = recipients.entry_context(inode.entry_id, new_salt)
-    for tries in itertools.count(1):
-        to = [owner.public.recipient()] + [
-            PublicIdentity.from_text(public.decode()).recipient()
-            for public in manifest.grantees(inode.ino).values()
-        ]
-        wraps = {r.fingerprint: recipients.wrap(new_key, r, context).to_bytes() for r in to}
-        try:
-            unpin = manifest.commit_version(
-                inode.ino,
-                cid=new_cid,
-                salt=new_salt,
-                size=inode.size,
-                format=format.VERSION,
-                mtime_ns=inode.mtime_ns,
-                version_ns=time.time_ns(),
-                wraps=wraps,
-                expected_cid=old_cid,
-            )
-        except RecipientsChanged as err:  # a share landed between the grantees and the commit
-            if tries == RECIPIENT_TRIES:
-                raise recipients_never_match(err) from None
-            continue
-        except VersionConflict:
-            # A newer version was written meanwhile, already wrapped only for current grantees.
-            with contextlib.suppress(MedfsError):
-                ipfs.unpin(new_cid)
-            return None
-        break
+
+    def commit() -> str | None:
+        to = readers(owner.public.recipient(), manifest.grantees(inode.ino))
+        return manifest.commit_version(
+            inode.ino,
+            cid=new_cid,
+            salt=new_salt,
+            size=inode.size,
+            format=format.VERSION,
+            mtime_ns=inode.mtime_ns,
+            version_ns=time.time_ns(),
+            wraps=recipients.wrap_all(new_key, to, context),
+            expected_cid=old_cid,
+        )
+
+    try:
+        unpin = until_recipients_match(commit)
+    except VersionConflict:
+        # A newer version was written meanwhile, already wrapped only for current grantees.
+        with contextlib.suppress(MedfsError):
+            ipfs.unpin(new_cid)
+        return None
     if unpin is not None:  # the old version's own pin, or its group's once it keeps nothing
         with contextlib.suppress(MedfsError):
             ipfs.unpin(unpin)

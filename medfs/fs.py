@@ -49,7 +49,7 @@ from medfs.content import (
     Version,
 )
 from medfs.errors import FormatError, IPFSError, MedfsError
-from medfs.identity import Identity, PublicIdentity
+from medfs.identity import Identity, readers
 from medfs.layout import SEGMENT_SIZE, ciphertext_size
 from medfs.manifest import (
     RECIPIENT_TRIES,
@@ -657,17 +657,13 @@ class Filesystem(pyfuse3.Operations):
 
     def _recipients(self, ino: int) -> list[recipients.Recipient]:
         """The owner, and everyone a grant on this file or a directory above it names."""
-        found = [self._owner_recipient]
-        for public in self.manifest.grantees(ino).values():
-            found.append(PublicIdentity.from_text(public.decode()).recipient())
-        return found
+        return readers(self._owner_recipient, self.manifest.grantees(ino))
 
     @staticmethod
     def _wrap_all(
         to: list[recipients.Recipient], entry_id: bytes, key: bytes, salt: bytes
     ) -> dict[str, bytes]:
-        context = recipients.entry_context(entry_id, salt)
-        return {r.fingerprint: recipients.wrap(key, r, context).to_bytes() for r in to}
+        return recipients.wrap_all(key, to, recipients.entry_context(entry_id, salt))
 
     async def _commit(self, ino: int) -> None:
         # One commit per file at a time, from upload to manifest: otherwise two saves racing

@@ -96,6 +96,12 @@ def _signed_message(purpose: str, data: bytes) -> bytes:
     return SIGNATURE_LABEL + b"\x00" + purpose.encode("ascii") + b"\x00" + data
 
 
+def readers(owner: Recipient, grantees: Mapping[str, bytes]) -> list[Recipient]:
+    """Whom a new version is wrapped for: the owner, then each grantee, from the public files
+    `Manifest.grantees` gives."""
+    return [owner, *(PublicIdentity.from_text(p.decode()).recipient() for p in grantees.values())]
+
+
 @dataclass(frozen=True)
 class PublicIdentity:
     """What others know of an identity: its recipient key, signing key and fingerprint."""

@@ -23,16 +23,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import hmac
+import itertools
 import os
 import sqlite3
 import stat
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -263,6 +264,9 @@ class NewVersion(NamedTuple):
     wraps: Mapping[str, bytes]
 
 
+_T = TypeVar("_T")
+
+
 class VersionConflict(Exception):
     """A compare-and-swap commit found another version in place."""
 
@@ -289,6 +293,18 @@ def recipients_never_match(err: RecipientsChanged) -> FormatError:
         f"the wraps of inode {inodes} never match its grants: a grant in the manifest is damaged",
         hint="`medfs grants` lists them; revoke the damaged one and share again",
     )
+
+
+def until_recipients_match(attempt: Callable[[], _T]) -> _T:
+    """`attempt()` (read the recipients, wrap, commit) again while its commit finds other
+    recipients, RECIPIENT_TRIES times at most; for committers that wrap on their own thread."""
+    for tries in itertools.count(1):
+        try:
+            return attempt()
+        except RecipientsChanged as err:  # a share or a revoke landed between read and commit
+            if tries == RECIPIENT_TRIES:
+                raise recipients_never_match(err) from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Stats(NamedTuple):
@@ -1008,8 +1024,8 @@ class Manifest:
         version = NewVersion(ino, cid, salt, size, format, mtime_ns, version_ns, wraps)
         _check_version(version)
         with self._write():
-            self._check_recipients([version])
-            return self._release(self._commit_version(version, expected_cid))
+            (inode,) = self._check_recipients([version])
+            return self._release(self._commit_version(version, inode, expected_cid))
 
     def commit_group(self, versions: Sequence[NewVersion], group: str) -> list[str]:
         """Commit versions uploaded together under the pinned directory `group`, in one
@@ -1020,11 +1036,13 @@ class Manifest:
             raise ValueError("a group commit needs at least one version")
         for version in versions:
             _check_version(version)
+        if len({v.ino for v in versions}) != len(versions):
+            raise ValueError("a group commit takes one version of each file")
         unpin = []
         with self._write() as db:
-            self._check_recipients(versions)
-            for version in versions:
-                old = self._commit_version(version, ANY_CID)
+            inodes = self._check_recipients(versions)
+            for version, inode in zip(versions, inodes, strict=True):
+                old = self._commit_version(version, inode, ANY_CID)
                 moved = None
                 if self.pin_group_of(version.cid) is not None:
                     # Committed before already (a crash came before its staging copy went):
@@ -1072,18 +1090,19 @@ class Manifest:
         with self._write() as db:
             db.execute("DELETE FROM pin_groups")
 
-    def _check_recipients(self, versions: Sequence[NewVersion]) -> None:
+    def _check_recipients(self, versions: Sequence[NewVersion]) -> list[Inode]:
         """Refuse versions not wrapped for exactly the people who may read their file now
         (transaction open, so no grant can land between this and the commit). Committers read
         the recipients, then wrap on another thread: a `medfs share` that adds its grant
         meanwhile wraps only the versions committed before it, so a version wrapped for the
         old recipients would stay unreadable to the new one, and one wrapped before a
-        revocation would stay readable to the revoked one."""
-        for v in versions:
-            self._need_file(v.ino)  # a missing file or a directory is an error of its own
+        revocation would stay readable to the revoked one. Returns the versions' inodes as
+        they are before the commit."""
+        inodes = [self._need_file(v.ino) for v in versions]  # missing, or not a file: first
         stale = [v.ino for v in versions if set(v.wraps) != self.recipients_of(v.ino)]
         if stale:
             raise RecipientsChanged(stale)
+        return inodes
 
     def _need_file(self, ino: int) -> Inode:
         inode = self._need(ino)
@@ -1099,10 +1118,12 @@ class Manifest:
             self._owner = self.owner  # a manifest's owner never changes
         return {self._owner, *self.grantees(ino)}
 
-    def _commit_version(self, v: NewVersion, expected_cid: str | object | None) -> str | None:
-        """The previous CID, or None if there was none or it is the same (transaction open)."""
+    def _commit_version(
+        self, v: NewVersion, inode: Inode, expected_cid: str | object | None
+    ) -> str | None:
+        """The previous CID, or None if there was none or it is the same (transaction open;
+        `inode` is v's file as it is in it)."""
         db = self._conn
-        inode = self._need_file(v.ino)
         if expected_cid is not ANY_CID and inode.cid != expected_cid:
             raise VersionConflict(f"inode {v.ino} has a newer version")
         db.execute(

@@ -25,8 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -50,16 +50,8 @@ from medfs.errors import (
     NotForIdentityError,
     UsageError,
 )
-from medfs.identity import PublicIdentity
 from medfs.ipfs import IPFS
-from medfs.manifest import (
-    RECIPIENT_TRIES,
-    Inode,
-    Kind,
-    RecipientsChanged,
-    new_entry_id,
-    recipients_never_match,
-)
+from medfs.manifest import Inode, Kind, new_entry_id, until_recipients_match
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -439,14 +431,14 @@ def import_package(
 
     context = recipients.entry_context(entry_id, salt)
 
-    def wraps_for(ino: int) -> dict[str, bytes]:
+    def commit(ino: int) -> None:
         # A fresh inode has no grants of its own: its readers are the owner and the grantees
         # of the directories above it, as for a file created in the mount.
-        to = [owner.public.recipient()] + [
-            PublicIdentity.from_text(public.decode()).recipient()
-            for public in manifest.grantees(ino).values()
-        ]
-        return {r.fingerprint: recipients.wrap(content_key, r, context).to_bytes() for r in to}
+        to = identity.readers(owner.public.recipient(), manifest.grantees(ino))
+        manifest.commit_version(
+            ino, cid=cid, salt=salt, size=len(plain), format=format.VERSION, mtime_ns=now,
+            version_ns=now, wraps=recipients.wrap_all(content_key, to, context), expected_cid=None,
+        )  # fmt: skip
 
     cid = ipfs.add(stream())
     now = time.time_ns()
@@ -455,17 +447,7 @@ def import_package(
         created = manifest.create(
             parent.ino, name, Kind.FILE, mode, os.getuid(), os.getgid(), now, entry_id=entry_id
         )
-        for tries in itertools.count(1):
-            try:
-                manifest.commit_version(
-                    created.ino, cid=cid, salt=salt, size=len(plain), format=format.VERSION,
-                    mtime_ns=now, version_ns=now, wraps=wraps_for(created.ino), expected_cid=None,
-                )  # fmt: skip
-            except RecipientsChanged as err:  # a share landed between the grantees and the commit
-                if tries == RECIPIENT_TRIES:
-                    raise recipients_never_match(err) from None
-                continue
-            break
+        until_recipients_match(functools.partial(commit, created.ino))
     except BaseException as err:
         if created is not None:
             with contextlib.suppress(Exception):

@@ -248,6 +248,11 @@ def wrap(content_key: bytes, recipient: Recipient, context: bytes) -> Stanza:
     return Stanza(recipient.kind, recipient.fingerprint, body)
 
 
+def wrap_all(content_key: bytes, to: Iterable[Recipient], context: bytes) -> dict[str, bytes]:
+    """`content_key` wrapped for each of `to`: a version's wraps, stanza bytes by fingerprint."""
+    return {r.fingerprint: wrap(content_key, r, context).to_bytes() for r in to}
+
+
 _PrivateKey = x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey | rsa.RSAPrivateKey
 
 

@@ -998,6 +998,9 @@ def test_a_group_commit_is_one_transaction(m):
     assert m.pin_groups() == set()
     with pytest.raises(ValueError):
         m.commit_group([], "g1")
+    with pytest.raises(ValueError, match="one version of each file"):
+        m.commit_group([version(a.ino, "a1"), version(a.ino, "a2")], "g1")
+    assert m.get(a.ino).cid is None
 
 
 def test_restored_versions_forget_their_groups(m):
