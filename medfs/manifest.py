@@ -291,7 +291,8 @@ def recipients_never_match(err: RecipientsChanged) -> FormatError:
     inodes = ", ".join(map(str, err.inos))
     return FormatError(
         f"the wraps of inode {inodes} never match its grants: a grant in the manifest is damaged",
-        hint="`medfs grants` lists them; revoke the damaged one and share again",
+        hint="medfs writes no such grant (its fingerprint is not its public file's): restore "
+        "the manifest from a snapshot (`medfs restore`)",
     )
 
 
