@@ -77,3 +77,10 @@ class VerifyError(MedfsError):
     """`medfs verify` found problems that remain (not repaired, or not repairable)."""
 
     exit_code = 14
+
+
+class OutputError(MedfsError):
+    """A command did its work (a grant, a revocation) but could not write what it produces
+    (a share manifest): the work stands, and the hint says how to get the output again."""
+
+    exit_code = 15

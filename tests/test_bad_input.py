@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -256,3 +257,71 @@ def test_a_config_naming_another_identitys_key(tmp_path: Path, keys: Path) -> No
     assert_clean_error(out, 5, f"{other.with_suffix('.key')} is identity")
     assert "but this state directory belongs to" in out.stderr
     assert (state / "manifest.db").read_bytes() == manifest  # nothing touched
+
+
+@FUSE
+def test_share_and_revoke_outputs_that_cannot_be_written(
+    tmp_path: Path, kubo_api: str, keys: Path
+) -> None:
+    bob = keys / "alice.pub"  # any identity other than the mount's own
+    with mounted(tmp_path / "owner", kubo_api) as m:
+        (m.mnt / "r.txt").write_bytes(b"record")
+        record = str(m.mnt / "r.txt")
+        # Refused before anything is granted: the directory named for the manifest is missing.
+        out = m.medfs("share", record, "--to", str(bob), "--out", str(tmp_path / "no" / "m"))
+        assert_clean_error(out, 2, "no such directory")
+        assert m.medfs("grants").stdout.strip() == "nothing is shared"
+        # The grant is made and the manifest cannot be written (its temporary name is taken
+        # by a directory): a clear error, the grant kept, and a hint that gets the manifest.
+        (tmp_path / "m.tmp").mkdir()
+        out = m.medfs("share", record, "--to", str(bob), "--out", str(tmp_path / "m"))
+        assert_clean_error(out, 15, "cannot write the share manifest")
+        assert "medfs: hint: " in out.stderr and "granted" in out.stdout
+        assert "/r.txt" in m.medfs("grants").stdout
+        out = m.medfs("share", record, "--to", str(bob), "--out", str(tmp_path / "m2"))
+        assert out.returncode == 0, out.stderr
+        assert (tmp_path / "m2").stat().st_size > 0
+        # revoke's --out must be a directory it can make: refused before the revoke.
+        (tmp_path / "plain").write_bytes(b"")
+        out = m.medfs("revoke", record, "--from", str(bob), "--out", str(tmp_path / "plain"))
+        assert_clean_error(out, 2, "not a directory")
+        assert "/r.txt" in m.medfs("grants").stdout
+        assert (m.mnt / "r.txt").read_bytes() == b"record"
+
+
+@FUSE
+def test_a_revoke_writes_every_other_manifest_it_can(tmp_path: Path, kubo_api: str) -> None:
+    people = {}
+    for name in ("bob", "carol", "dave"):
+        out = run_medfs("keygen", "--out", str(tmp_path / name), env={"MEDFS_PASSPHRASE": "x"})
+        assert out.returncode == 0, out.stderr
+        out = run_medfs("id", str(tmp_path / f"{name}.pub"), "--json")
+        people[name] = str(json.loads(out.stdout)["fingerprint"])
+    with mounted(tmp_path / "owner", kubo_api) as m:
+        (m.mnt / "d").mkdir()
+        (m.mnt / "d" / "r.txt").write_bytes(b"record")
+        sequence = {}
+        for name in people:
+            out = m.medfs("share", str(m.mnt / "d"), "--to", str(tmp_path / f"{name}.pub"),
+                          "--out", str(tmp_path))  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            sequence[name] = int(re.findall(r"share manifest #(\d+)", out.stdout)[-1])
+        # Bob's fresh manifest cannot be written (its temporary name is a directory); Carol's can.
+        sent = tmp_path / "sent"
+        bob_next = f"share-{people['bob'][:16]}-{sequence['bob'] + 1}.medfs-share"
+        (sent / f"{bob_next}.tmp").mkdir(parents=True)
+        out = m.medfs("revoke", str(m.mnt / "d"), "--from", str(tmp_path / "dave.pub"),
+                      "--out", str(sent))  # fmt: skip
+        assert_clean_error(out, 15, "1 of 2 fresh share manifests were not written")
+        assert people["bob"] in out.stderr and "medfs: hint: " in out.stderr
+        assert "re-encrypted 1 files" in out.stdout
+        carol_next = f"share-{people['carol'][:16]}-{sequence['carol'] + 1}.medfs-share"
+        assert (sent / carol_next).stat().st_size > 0
+        assert not (sent / bob_next).exists()
+        grants = m.medfs("grants").stdout
+        assert people["dave"] not in grants and people["bob"] in grants
+        # The hint's command gets Bob his manifest.
+        out = m.medfs("share", str(m.mnt / "d"), "--to", str(tmp_path / "bob.pub"),
+                      "--out", str(tmp_path / "for-bob"))  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert (m.mnt / "d" / "r.txt").read_bytes() == b"record"

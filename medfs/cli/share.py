@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfs import control, identity, state
-from medfs.errors import UsageError
+from medfs.errors import MedfsError, OutputError, UsageError
 from medfs.paths import manifest_path, state_dir
 
 if TYPE_CHECKING:
@@ -87,13 +87,54 @@ def _mountpoint(layout: state.Layout) -> str | None:
     return str(holder["mountpoint"]) if holder and holder.get("mountpoint") else None
 
 
-def _write_manifest(out: Path | None, fingerprint: str, sequence: int, sealed: bytes) -> Path:
-    """The sealed share manifest, at OUT (a file, or a directory to name it in) or here."""
+def _manifest_place(out: str | None) -> Path | None:
+    """`share --out`, checked before anything is granted: a directory to name the manifest
+    in, or a file in a directory that exists."""
+    if out is None:
+        return None
+    path = Path(out)
+    if not path.is_dir() and not path.parent.is_dir():
+        raise UsageError(
+            f"{path.parent}: no such directory",
+            hint="name a file in an existing directory, or the directory itself, with --out",
+        )
+    return path
+
+
+def _manifests_directory(out: str | None) -> Path | None:
+    """`revoke --out`, made before the revocation starts."""
+    if out is None:
+        return None
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(
+            f"{path} is not a directory", hint="revoke --out names a directory for the manifests"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"cannot create {path}: {err.strerror}") from None
+    return path
+
+
+def _write_manifest(
+    out: Path | None, fingerprint: str, sequence: int, sealed: bytes, again: str | None = None
+) -> Path:
+    """The sealed share manifest, at OUT (a file, or a directory to name it in) or here.
+    `again` is the hint for a manifest that could not be written."""
     name = f"share-{fingerprint[:16]}-{sequence}.medfs-share"
     path = out if out is not None and not out.is_dir() else (out or Path.cwd()) / name
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(sealed)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(sealed)
+        tmp.replace(path)
+    except OSError as err:
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)  # a partial manifest is of no use to anyone
+        raise OutputError(
+            f"cannot write the share manifest for {fingerprint} to {path}: {err.strerror}",
+            hint=again,
+        ) from None
     return path
 
 
@@ -132,6 +173,7 @@ def _deliver(
 
 def run_share(args: argparse.Namespace) -> int:
     to = identity.read_public_file(args.to)
+    out = _manifest_place(args.out)
     layout, passphrase = _layout_and_passphrase(args)
     where = _mountpoint(layout)
     paths = [manifest_path(p, where) for p in args.paths]
@@ -142,8 +184,8 @@ def run_share(args: argparse.Namespace) -> int:
     if done is None:
         done, node = _share_here(args, layout, passphrase, paths, to)
     print(f"granted {to.fingerprint} {', '.join(paths)} ({done.wrapped} files wrapped)")
-    path = _write_manifest(Path(args.out) if args.out else None, to.fingerprint, done.sequence,
-                           done.sealed)  # fmt: skip
+    again = "the grant is made: run the share again, with --out naming a writable place"
+    path = _write_manifest(out, to.fingerprint, done.sequence, done.sealed, again)
     print(f"share manifest #{done.sequence} for {to.fingerprint}: {done.entries} entries -> {path}")
     if args.publish:
         ipfs, providers = node or _node(layout, args)
@@ -216,6 +258,7 @@ class _ProgressBar:
 
 def run_revoke(args: argparse.Namespace) -> int:
     who = identity.read_public_file(args.from_)
+    out = _manifests_directory(args.out)
     layout, session = _session(args)
     from medfs import access
     from medfs.copies import LocalCopies
@@ -242,11 +285,20 @@ def run_revoke(args: argparse.Namespace) -> int:
         size = sum(r.size for r in done)
         print(f"revoked {who.fingerprint} from {', '.join(paths)}")
         print(f"re-encrypted {len(done)} files ({size:,} bytes) under fresh keys")
-        out = Path(args.out) if args.out else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
+        failed = []
         for fingerprint in sorted(others):
-            _deliver(session, fingerprint, ipfs, out, args.publish)
+            # One recipient's manifest failing must not keep the others from theirs.
+            try:
+                _deliver(session, fingerprint, ipfs, out, args.publish)
+            except MedfsError as err:
+                failed.append(f"{fingerprint} ({err.message})")
+        if failed:
+            raise OutputError(
+                f"the revocation is done, but {len(failed)} of {len(others)} fresh share "
+                f"manifests were not written: {'; '.join(failed)}",
+                hint="run 'medfs share PATH --to THEIR.pub' for each of them: it writes a "
+                "fresh manifest",
+            )
     finally:
         session.manifest.close()
     return 0
