@@ -93,6 +93,8 @@ def test_quick_bench_runs_to_completion(tmp_path: Path) -> None:
     rounds = tree["details"]["rounds"]  # type: ignore[index]
     assert len(rounds["cp_s"]) == len(rounds["add_s"]) == result["sizes"]["tree_rounds"]
     assert tree["value"] in rounds["cp_s"] and tree["baseline_value"] in rounds["add_s"]
+    probes = tree["details"]["create_us"]  # type: ignore[index]
+    assert set(probes) == {"medfs_staging", "kubo_blocks"} and min(probes.values()) > 0
     write = by_section["mount"][0]
     rounds = write["details"]["rounds"]  # type: ignore[index]
     assert len(rounds["cp_s"]) == len(rounds["add_s"]) == result["sizes"]["big_rounds"]
