@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medfs import control, identity, state
+from medfs import control, durable, identity, state
 from medfs.errors import MedfsError, OutputError, UsageError
 from medfs.paths import manifest_path, state_dir
 
@@ -124,12 +124,12 @@ def _write_manifest(
     `again` is the hint for a manifest that could not be written."""
     name = f"share-{fingerprint[:16]}-{sequence}.medfs-share"
     path = out if out is not None and not out.is_dir() else (out or Path.cwd()) / name
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(sealed)
-        tmp.replace(path)
+        # Synced before the command says where it is: the recipient may be sent it at once.
+        durable.replace(path, sealed)
     except OSError as err:
-        if tmp.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)  # a partial manifest is of no use to anyone
         raise OutputError(
             f"cannot write the share manifest for {fingerprint} to {path}: {err.strerror}",
@@ -291,7 +291,8 @@ def run_revoke(args: argparse.Namespace) -> int:
             try:
                 _deliver(session, fingerprint, ipfs, out, args.publish)
             except MedfsError as err:
-                failed.append(f"{fingerprint} ({err.message})")
+                said = err.message  # most name the recipient already: once is enough
+                failed.append(said if fingerprint in said else f"{fingerprint}: {said}")
         if failed:
             raise OutputError(
                 f"the revocation is done, but {len(failed)} of {len(others)} fresh share "
