@@ -425,13 +425,15 @@ class Staging:
 
     RECORD = 4 + 12 + SEG + 16  # length | nonce | ciphertext+tag
 
-    def __init__(self, directory: Path, limit_bytes: int) -> None:
+    def __init__(self, directory: Path, limit_bytes: int, *, ahead: int = 0) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory = directory
         self.limit = limit_bytes
+        self.ahead = ahead  # empty objects made ahead for small closes (0: one at each)
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
         self._used = 0
         self._lock = threading.Lock()
+        self._fresh: _FreshFiles | None = None  # started at the first small close
 
     def reserve(self, records: int) -> None:
         with self._lock:
@@ -445,6 +447,84 @@ class Staging:
 
     def new_file(self) -> StagedFile:
         return StagedFile(self)
+
+    def fresh_object(self) -> Path:
+        """An empty file of its own for a small version's object (`*.obj`, mode 0600).
+
+        With `ahead`, made ahead by a worker thread: a new file costs this machine's ext4
+        35-815 us of CPU (docs/PERFORMANCE.md), and each small close needs one, on the thread
+        that serves FUSE. A crash leaves the unused ones empty, without a pending record's
+        marker, and a mount's start deletes those (`PendingStore.sweep`, FORMAT.md §8): the
+        first is taken only after that sweep, at the first small close.
+        """
+        if not self.ahead:
+            return _new_object(self.directory)
+        with self._lock:  # closes of small and larger files come from two threads
+            if self._fresh is None:
+                self._fresh = _FreshFiles(self.directory, self.ahead)
+            fresh = self._fresh
+        return fresh.take()
+
+    def close(self) -> None:
+        """Delete the files made ahead and never used (a mount's start would, otherwise)."""
+        if self._fresh is not None:
+            self._fresh.close()
+
+
+def _new_object(directory: Path) -> Path:
+    path = directory / f"{os.urandom(12).hex()}.obj"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    return path
+
+
+class _FreshFiles:
+    """Up to `count` empty files made ahead in one directory by a worker, taken one at a time."""
+
+    def __init__(self, directory: Path, count: int) -> None:
+        self.directory = directory
+        self.high = count
+        self.low = count // 4  # fewer left than this: make more, up to `high`
+        self._ready: list[Path] = []
+        self._lock = threading.Lock()
+        self._wanted = threading.Event()
+        self._closed = False
+        self._wanted.set()
+        self._thread = threading.Thread(target=self._fill, name="medfs-fresh", daemon=True)
+        self._thread.start()
+
+    def take(self) -> Path:
+        with self._lock:
+            path = self._ready.pop() if self._ready else None
+            if len(self._ready) < self.low:
+                self._wanted.set()
+        # None ready (the first close, or a burst that outran the worker): made here, as always.
+        return path if path is not None else _new_object(self.directory)
+
+    def _fill(self) -> None:
+        while not self._closed:
+            self._wanted.wait()
+            self._wanted.clear()
+            while not self._closed and len(self._ready) < self.high:
+                try:
+                    path = _new_object(self.directory)
+                except OSError as err:  # a full disk, say: from now on each close makes its own
+                    log.warning("staging files are no longer made ahead: %s", err)
+                    return
+                with self._lock:
+                    wanted = not self._closed  # closed while it was made
+                    if wanted:
+                        self._ready.append(path)
+                if not wanted:
+                    path.unlink()
+                    return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        self._wanted.set()
+        self._thread.join()
+        _unlink_all(ready)
 
 
 class StagedFile:
@@ -484,15 +564,15 @@ class StagedFile:
         self._fh.close()
 
 
-def seal_small(directory: Path, plaintext: bytes) -> Sealed:
+def seal_small(staging: Staging, plaintext: bytes) -> Sealed:
     """Encrypt a small file in one piece under a fresh key into the staging area (blocking).
 
     Not fsynced: the file survives the daemon being killed, and what must survive a power cut
     is synced once it is known not to be uploaded soon (`PendingStore.sync`)."""
     key = format.new_content_key()
     ciphertext = format.encrypt_bytes(key, plaintext)
-    spool = directory / f"{os.urandom(12).hex()}.obj"
-    fd = os.open(spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    spool = staging.fresh_object()
+    fd = os.open(spool, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         durable.write_all(fd, ciphertext)
     except BaseException:
@@ -938,11 +1018,9 @@ class Draft:
             elif self._in_memory:
                 small, self._small = bytes(self._small), bytearray()
                 if len(small) <= SEG:  # one segment: cheaper to seal here than to hand off
-                    sealed = seal_small(self.staging.directory, small)
+                    sealed = seal_small(self.staging, small)
                 else:
-                    sealed = await trio.to_thread.run_sync(
-                        seal_small, self.staging.directory, small
-                    )
+                    sealed = await trio.to_thread.run_sync(seal_small, self.staging, small)
             else:
                 job = SealAndUpload(
                     self.reader.ipfs, self.staging.directory, self._blocks_for_upload()
@@ -1194,18 +1272,21 @@ class PendingStore:
         with contextlib.suppress(FileNotFoundError):
             record.spool.unlink()
 
-    def sweep(self) -> int:
-        """Delete what a crash mid-write left: objects without a record (their close never
-        returned), and records of the earlier layout never renamed into place (`*.tmp`).
-        For a mount's start, after `load`, before anything new is saved."""
-        removed = 0
+    def sweep(self) -> tuple[int, int]:
+        """Delete what a crash left: objects without a record (their close never returned),
+        records of the earlier layout never renamed into place (`*.tmp`), and empty files
+        (made ahead for closes, `Staging.fresh_object`). For a mount's start, after `load`,
+        before anything new is saved. How many were unfinished, and how many empty."""
+        unfinished = empty = 0
         for path in self.directory.glob("*.obj"):
             with contextlib.suppress(FileNotFoundError):
                 if not self._has_record(path):
+                    was_empty = path.stat().st_size == 0
                     path.unlink()
-                    removed += 1
+                    empty += was_empty
+                    unfinished += not was_empty
         for path in self.directory.glob("*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-                removed += 1
-        return removed
+                unfinished += 1
+        return unfinished, empty

@@ -256,9 +256,11 @@ class Filesystem(pyfuse3.Operations):
                     self._pending[record.ino] = record
                 else:
                     self.pending_store.remove(record)
-            swept = self.pending_store.sweep()
-            if swept:
-                log.info("removed %d unfinished files from the staging area", swept)
+            unfinished, empty = self.pending_store.sweep()
+            if unfinished:
+                log.info("removed %d unfinished files from the staging area", unfinished)
+            if empty:
+                log.debug("removed %d empty files made ahead in the staging area", empty)
             if self._pending:
                 log.info("%d versions wait in the staging area for upload", len(self._pending))
                 self._wake.set()

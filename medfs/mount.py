@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 CACHE_BYTES = 64 << 20
 STAGING_LIMIT = 8 << 30
+# Empty staging files kept ready for small closes (content.Staging.fresh_object).
+STAGING_AHEAD = 256
 COPIES_LIMIT = 4 << 30
 READY_TIMEOUT = 120.0
 DEFAULT_READ_TIMEOUT = 10.0
@@ -137,7 +139,8 @@ def serve(
             audit.log_path(layout.root), owner, audit.audit_key(session.manifest_key)
         )
         stack.callback(journal.close)
-        staging = Staging(layout.staging, staging_limit())
+        staging = Staging(layout.staging, staging_limit(), ahead=STAGING_AHEAD)
+        stack.callback(staging.close)
         copies = LocalCopies(layout.copies, copies_limit())
         copies.retain(manifest.cids())  # versions replaced while no mount ran
         fs = Filesystem(

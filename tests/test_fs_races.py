@@ -156,7 +156,7 @@ def test_a_read_whose_staging_copy_is_gone_for_good_fails_with_eio(tmp_path: Pat
 def test_a_read_ahead_that_finds_its_staging_copy_gone_is_dropped_quietly(
     tmp_path: Path, ipfs: IPFS
 ) -> None:
-    sealed = seal_small(tmp_path, os.urandom(300_000))
+    sealed = seal_small(Staging(tmp_path, 1 << 30), os.urandom(300_000))
     local = Version("spool:x", sealed.key, sealed.salt, sealed.size, local=sealed.spool)
     reader = Reader(ipfs, SegmentCache(16 << 20))
     sealed.spool.unlink()  # uploaded meanwhile
@@ -187,7 +187,7 @@ def test_a_read_waits_for_segments_another_read_is_fetching(
 
     monkeypatch.setattr(content, "_read_staged", slow_read_staged)
     plaintext = os.urandom(16 * SEG)
-    sealed = seal_small(tmp_path, plaintext)
+    sealed = seal_small(Staging(tmp_path, 1 << 30), plaintext)
     local = Version("spool:x", sealed.key, sealed.salt, sealed.size, local=sealed.spool)
     reader = Reader(ipfs, SegmentCache(16 << 20))
     got: dict[str, bytes] = {}

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from medfs import format
-from medfs.content import PendingRecord, PendingStore, seal_small
+from medfs.content import PendingRecord, PendingStore, Staging, seal_small
 
 KEY = bytes(range(32))
 T0 = 1_700_000_000_000_000_000
@@ -23,7 +24,7 @@ def store(tmp_path: Path) -> PendingStore:
 
 
 def saved(store: PendingStore, ino: int, *, synced: bool = False) -> PendingRecord:
-    sealed = seal_small(store.directory, os.urandom(1000 + ino))
+    sealed = seal_small(Staging(store.directory, 1 << 30), os.urandom(1000 + ino))
     return store.save(ino, sealed, T0 + ino, synced=synced)
 
 
@@ -37,7 +38,7 @@ def test_a_saved_record_loads_back_as_it_was(store: PendingStore) -> None:
 
 def test_the_object_uploaded_is_the_sealed_one_without_its_record(store: PendingStore) -> None:
     plaintext = os.urandom(200_000)  # several segments, read back in several chunks
-    sealed = seal_small(store.directory, plaintext)
+    sealed = seal_small(Staging(store.directory, 1 << 30), plaintext)
     ciphertext = sealed.spool.read_bytes()
     record = store.save(9, sealed, T0)
     assert record.spool.stat().st_size > len(ciphertext)
@@ -65,28 +66,64 @@ def test_records_that_cannot_be_used_are_left_in_place(store: PendingStore) -> N
     good = saved(store, 3)
     assert store.load() == [good]
     assert foreign == []
-    assert store.sweep() == 0  # kept for a person to look at
+    assert store.sweep() == (0, 0)  # kept for a person to look at
     assert altered.spool.exists() and cut.spool.exists() and too_long.exists()
 
 
 def test_sweep_removes_what_a_crash_left_and_nothing_a_record_keeps(store: PendingStore) -> None:
     kept = saved(store, 1)
-    orphan = seal_small(store.directory, b"closed, but the daemon died before its record")
+    staging = Staging(store.directory, 1 << 30)
+    orphan = seal_small(staging, b"closed, but the daemon died before its record")
     empty = store.directory / f"{os.urandom(12).hex()}.obj"  # died right after creating it
     empty.touch()
     torn = store.directory / f"{os.urandom(12).hex()}.tmp"  # the earlier layout's torn record
     torn.write_bytes(b"half a rec")
     assert store.load() == [kept]
-    assert store.sweep() == 3
+    assert store.sweep() == (2, 1)  # the orphan and the torn record; the empty one
     assert not orphan.spool.exists() and not empty.exists() and not torn.exists()
     assert store.load() == [kept]
-    assert store.sweep() == 0
+    assert store.sweep() == (0, 0)
+
+
+def _empty_objects(directory: Path) -> set[Path]:
+    return {p for p in directory.glob("*.obj") if p.stat().st_size == 0}
+
+
+def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
+    store: PendingStore,
+) -> None:
+    staging = Staging(store.directory, 1 << 30, ahead=8)
+    texts = [os.urandom(100 + n) for n in range(30)]
+    first = seal_small(staging, texts[0])  # the first close starts the worker
+    deadline = time.monotonic() + 20
+    while len(_empty_objects(store.directory)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_empty_objects(store.directory)) == 8
+    # More closes than files ready: the rest are made at the close, as without a worker.
+    sealed = [first] + [seal_small(staging, text) for text in texts[1:]]
+    assert len({s.spool for s in sealed}) == len(texts)
+    for s, text in zip(sealed, texts, strict=True):
+        assert format.decrypt_bytes(s.key, s.spool.read_bytes()) == text
+    records = [store.save(n, s, T0 + n) for n, s in enumerate(sealed)]
+    # A crash leaves the unused ones empty, without a record: a mount's start deletes them.
+    left = _empty_objects(store.directory)
+    assert store.sweep() == (0, len(left))
+    assert set(store.directory.iterdir()) == {r.spool for r in records}
+    assert sorted(store.load(), key=lambda r: r.ino) == records
+    # A clean end (umount) deletes them itself, and only them.
+    for record in records:
+        store.remove(record)
+    again = Staging(store.directory, 1 << 30, ahead=8)
+    kept = store.save(99, seal_small(again, b"kept"), T0)
+    again.close()
+    assert list(store.directory.iterdir()) == [kept.spool]
+    assert seal_small(again, b"after close").spool.read_bytes()  # made at the close again
 
 
 def test_records_of_the_earlier_layout_are_adopted(store: PendingStore) -> None:
     """Before one file per version, `X.pending` beside `X.obj` held the same sealed record."""
     plaintext = os.urandom(3000)
-    sealed = seal_small(store.directory, plaintext)
+    sealed = seal_small(Staging(store.directory, 1 << 30), plaintext)
     body = json.dumps({
         "ino": 42, "spool": sealed.spool.name, "key": sealed.key.hex(),
         "salt": sealed.salt.hex(), "size": sealed.size, "mtime_ns": T0,

@@ -151,7 +151,8 @@ def test_a_restart_removes_what_a_killed_daemon_left_half_written(
         m.mount()
         assert not orphan.exists() and not empty.exists()
         assert (m.mnt / "kept.txt").read_bytes() == b"closed and committed"
-        assert "removed 2 unfinished files" in (m.state / "mount.log").read_text()
+        # The empty one is told apart from those made ahead only by its name, in no log.
+        assert "removed 1 unfinished files" in (m.state / "mount.log").read_text()
         m.umount()
     finally:
         m.force_cleanup()
