@@ -203,6 +203,9 @@ class Filesystem(pyfuse3.Operations):
         self.renew_api = renew_api
         self.retry_interval = retry_interval
         self._pending: dict[int, PendingRecord] = {}
+        # A time set (utime, `touch -d`, `rsync -a`) on a version waiting for upload, with the
+        # record it was set on: the commit records it, not the time of the close.
+        self._set_mtimes: dict[int, tuple[PendingRecord, int]] = {}
         # Wakes the committer: set when a small version waits; replaced after each round.
         self._wake = trio.Event()
         self._hurry = trio.Event()  # set when an fsync waits: no time for others to join
@@ -366,8 +369,26 @@ class Filesystem(pyfuse3.Operations):
     def _upload_spool(self, record: PendingRecord) -> str:
         return self.ipfs.add(record.chunks())
 
-    def _upload_group(self, records: Sequence[PendingRecord]) -> tuple[str, list[str]]:
-        return self.ipfs.add_group([b"".join(r.chunks()) for r in records])
+    def _upload_group(
+        self, records: Sequence[PendingRecord]
+    ) -> tuple[str | None, list[tuple[PendingRecord, str]]]:
+        """Add the records' objects as one group: (its CID, each record added with its CID).
+
+        A record whose staging file is gone was superseded or deleted on the trio thread while
+        this ran (`cmd > file` in a shell closes a first, empty version, then the real one):
+        it is left out, not an error that would hold every `fsync` up until the next round.
+        """
+        found, objects = [], []
+        for record in records:
+            try:
+                objects.append(b"".join(record.chunks()))
+            except FileNotFoundError:
+                continue
+            found.append(record)
+        if not found:
+            return None, []
+        group, cids = self.ipfs.add_group(objects)
+        return group, list(zip(found, cids, strict=True))
 
     async def _upload_round(self) -> str | None:
         """Upload and commit what waits in the staging area; the error that stopped it.
@@ -401,11 +422,13 @@ class Filesystem(pyfuse3.Operations):
                 break
             tried.update(small)
             try:
-                group, cids = await trio.to_thread.run_sync(self._upload_group, small)
+                group, uploaded = await trio.to_thread.run_sync(self._upload_group, small)
             except (IPFSError, OSError) as err:
                 await self._node_trouble_or_log(err)
                 return err.message if isinstance(err, IPFSError) else str(err)
-            await self._publish_group(group, list(zip(small, cids, strict=True)))
+            self._lost_staging([r for r in small if r not in {u for u, _ in uploaded}])
+            if group is not None:
+                await self._publish_group(group, uploaded)
         for ino, record in list(self._pending.items()):
             if record.size <= SMALL_FILE:
                 continue  # sealed while the groups went up: the next round takes it
@@ -418,10 +441,31 @@ class Filesystem(pyfuse3.Operations):
                 if self._pending.get(ino) is not record or self.manifest.get(ino) is None:
                     self._discard_later([cid])  # superseded or deleted while it was uploading
                     continue
-                await self._publish(ino, cid, record.key, record.salt, record.size, record.mtime_ns)
+                await self._publish(
+                    ino, cid, record.key, record.salt, record.size, self._mtime_of(record)
+                )
                 await self._uploaded(record, cid)
             log.info("inode %d: the version kept in the staging area is now uploaded", ino)
         return None
+
+    def _mtime_of(self, record: PendingRecord) -> int:
+        """A waiting version's mtime: its close's, unless one was set on it since. (Kept in
+        memory and in the manifest's attributes: a crash before the upload restores the
+        close's time with the version, from its record.)"""
+        set_on = self._set_mtimes.get(record.ino)
+        return set_on[1] if set_on is not None and set_on[0] is record else record.mtime_ns
+
+    def _lost_staging(self, missing: Sequence[PendingRecord]) -> None:
+        """Records an upload found without their staging file. Superseded or deleted ones
+        were removed on purpose; one still current lost its only copy to something outside
+        this mount, and waiting for it would hold every `fsync` for ever."""
+        for record in missing:
+            if self._pending.get(record.ino) is record:
+                del self._pending[record.ino]
+                log.error(
+                    "inode %d: the staging file of its last version (%s) is gone; the file "
+                    "keeps its version before that", record.ino, record.spool.name,
+                )  # fmt: skip
 
     async def _node_trouble_or_log(self, err: IPFSError | OSError) -> None:
         if isinstance(err, IPFSError):
@@ -452,8 +496,9 @@ class Filesystem(pyfuse3.Operations):
                 self._discard_later([group])  # it keeps nothing anyone still needs
                 return
             now = time.time_ns()
-            versions = [NewVersion(r.ino, cid, r.salt, r.size, format.VERSION, r.mtime_ns, now,
-                                   wraps[r.ino]) for r, cid in current]  # fmt: skip
+            versions = [NewVersion(r.ino, cid, r.salt, r.size, format.VERSION,
+                                   self._mtime_of(r), now, wraps[r.ino])
+                        for r, cid in current]  # fmt: skip
             try:
                 unpin = self.manifest.commit_group(versions, group)
                 break
@@ -510,6 +555,9 @@ class Filesystem(pyfuse3.Operations):
                 draft.rebase(record.spool, Version(cid, record.key, record.salt, record.size))
         if self._pending.get(record.ino) is record:
             del self._pending[record.ino]
+        set_on = self._set_mtimes.get(record.ino)
+        if set_on is not None and set_on[0] is record:
+            del self._set_mtimes[record.ino]
         # No await from the check to the keep: a commit that replaced this version since
         # has already listed its CID as stale, and its copy would never be dropped.
         current = self._versions.get(record.ino)
@@ -582,7 +630,7 @@ class Filesystem(pyfuse3.Operations):
             attrs.st_mtime_ns = draft.mtime_ns or inode.mtime_ns
         elif inode.ino in self._pending:
             attrs.st_size = self._pending[inode.ino].size
-            attrs.st_mtime_ns = self._pending[inode.ino].mtime_ns
+            attrs.st_mtime_ns = self._mtime_of(self._pending[inode.ino])
         else:
             attrs.st_size = inode.size
             attrs.st_mtime_ns = inode.mtime_ns
@@ -653,7 +701,7 @@ class Filesystem(pyfuse3.Operations):
             waiting = self._pending.get(inode.ino)
             size = version.size if version is not None else inode.size
             draft = Draft(self.reader, self.staging, version, size)
-            draft.mtime_ns = waiting.mtime_ns if waiting is not None else inode.mtime_ns
+            draft.mtime_ns = self._mtime_of(waiting) if waiting is not None else inode.mtime_ns
             self._drafts[inode.ino] = draft
         return draft
 
@@ -756,6 +804,7 @@ class Filesystem(pyfuse3.Operations):
     def _free(self, ino: int) -> None:
         self._unlinked.discard(ino)
         self._commit_locks.pop(ino, None)
+        self._set_mtimes.pop(ino, None)
         record = self._pending.pop(ino, None)
         if record is not None and self.pending_store is not None:
             self.pending_store.remove(record)
@@ -898,9 +947,12 @@ class Filesystem(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-            pending = self._drafts.get(inode)
-            if pending is not None:
-                pending.mtime_ns = attr.st_mtime_ns
+            writing = self._drafts.get(inode)
+            if writing is not None:
+                writing.mtime_ns = attr.st_mtime_ns
+            waiting = self._pending.get(inode)
+            if waiting is not None:
+                self._set_mtimes[inode] = (waiting, attr.st_mtime_ns)
         elif fields.update_size:
             changes["mtime_ns"] = now
         node = self.manifest.set_attrs(inode, **changes)

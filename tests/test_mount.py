@@ -127,10 +127,49 @@ def test_rsync_there_and_back(mnt: Mounted, tmp_path: Path) -> None:
     owner = owned_by_someone_else(src)
     subprocess.run(["rsync", "-a", f"{src}/", str(mnt.mnt / "rs")], check=True)
     assert owners(mnt.mnt / "rs") == {owner}
+    # rsync sets each file's time by path just after its close, while a small file still
+    # waits for its group upload: a second run finds every file the same, and sends none.
+    again = subprocess.run(
+        ["rsync", "-ai", f"{src}/", str(mnt.mnt / "rs")], check=True, capture_output=True
+    )
+    assert again.stdout == b""
     back = tmp_path / "back"
     subprocess.run(["rsync", "-a", f"{mnt.mnt / 'rs'}/", str(back)], check=True)
     assert subprocess.run(["diff", "-r", str(src), str(back)]).returncode == 0
     assert tree_digest(src) == tree_digest(back)
+
+
+def test_a_time_set_just_after_a_close_is_the_one_committed(mnt: Mounted) -> None:
+    path = mnt.mnt / "stamped.txt"
+    when = 1_000_000_000_123_456_789
+    for content in (b"small, waiting for its group upload", b""):
+        path.write_bytes(content)
+        os.utime(path, ns=(when, when))
+        assert path.stat().st_mtime_ns == when
+        fsync_dir(mnt.mnt)  # committed: what the manifest keeps, and a remount shows
+        assert path.stat().st_mtime_ns == when
+        assert path.read_bytes() == content
+        when += 1
+
+
+def test_a_shell_redirection_closes_twice_and_every_version_is_committed(mnt: Mounted) -> None:
+    # `cmd > file`: the shell opens the file, dups it onto stdout and closes the original (a
+    # flush: an empty first version), then the command writes and closes the real one. The
+    # first may be in a group upload when the second supersedes it and removes its file.
+    where = mnt.mnt / "redirected"
+    where.mkdir()
+    contents = {where / f"f{n}": os.urandom(3000 + n) for n in range(150)}
+    for path, content in contents.items():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = os.dup(fd)
+        os.close(fd)
+        os.write(out, content)
+        os.close(out)
+    fsync_dir(where)  # returns once every version closed before it is committed
+    for path, content in contents.items():
+        assert json.loads(os.getxattr(path, "user.medfs.info"))["pending"] is False, path
+        assert path.read_bytes() == content
+    assert "cannot read the staging area" not in (mnt.state / "mount.log").read_text()
 
 
 def test_tar_extract_into_mount(mnt: Mounted, tmp_path: Path) -> None:
