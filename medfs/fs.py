@@ -971,9 +971,17 @@ class Filesystem(pyfuse3.Operations):
              target: bytes | None = None) -> Inode:  # fmt: skip
         self._writable()
         self._check_name(name)
+        mode, gid = mode & 0o7777, ctx.gid
+        above = self.manifest.get(parent)
+        if above is not None and above.mode & stat.S_ISGID:
+            # A set-group-ID directory gives what is made in it its group (a team's shared
+            # folder), and its subdirectories the bit, as every Unix filesystem does.
+            gid = above.gid
+            if kind == "dir":
+                mode |= stat.S_ISGID
         # A missing or non-directory parent: ENOENT or ENOTDIR from the manifest.
         return self.manifest.create(
-            parent, name, kind, mode & 0o7777, ctx.uid, ctx.gid, time.time_ns(), target=target
+            parent, name, kind, mode, ctx.uid, gid, time.time_ns(), target=target
         )
 
     @_op

@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -170,6 +171,25 @@ def test_a_shell_redirection_closes_twice_and_every_version_is_committed(mnt: Mo
         assert json.loads(os.getxattr(path, "user.medfs.info"))["pending"] is False, path
         assert path.read_bytes() == content
     assert "cannot read the staging area" not in (mnt.state / "mount.log").read_text()
+
+
+def test_a_set_group_id_directory_gives_its_group(mnt: Mounted) -> None:
+    shared = mnt.mnt / "team"
+    shared.mkdir()
+    group = 4321 if os.geteuid() == 0 else os.getgid()
+    os.chown(shared, -1, group)
+    os.chmod(shared, 0o2775)
+    (shared / "note.txt").write_bytes(b"for the team")
+    (shared / "sub").mkdir()
+    (shared / "sub" / "deeper.txt").write_bytes(b"")
+    for made in ("note.txt", "sub", "sub/deeper.txt"):
+        assert (shared / made).stat().st_gid == group, made
+    assert (shared / "sub").stat().st_mode & stat.S_ISGID
+    assert not (shared / "note.txt").stat().st_mode & stat.S_ISGID
+    os.chmod(shared, 0o775)  # without the bit, the creator's group again
+    (shared / "plain").mkdir()
+    assert (shared / "plain").stat().st_gid == os.getgid()
+    assert not (shared / "plain").stat().st_mode & stat.S_ISGID
 
 
 def test_tar_extract_into_mount(mnt: Mounted, tmp_path: Path) -> None:
