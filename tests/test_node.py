@@ -171,3 +171,32 @@ def test_missing_binary_through_the_cli(tmp_path: Path) -> None:
     assert "medfs: error: the Kubo binary (ipfs) was not found" in out.stderr
     assert "medfs: hint: run scripts/setup" in out.stderr
     assert not (tmp_path / "s" / "ipfs" / "config").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_gc_frees_what_deleted_versions_held_and_keeps_every_current_one(
+    state: Path, tmp_path: Path
+) -> None:
+    from tests.mounting import Mounted, fsync_dir, init_state
+
+    m = Mounted(state, tmp_path / "mnt", "")
+    m.mnt.mkdir()
+    init_state(state)
+    out = run_medfs("mount", str(m.mnt), env=m.env)  # on the embedded node
+    assert out.returncode == 0, out.stderr
+    try:
+        kept, gone = os.urandom(3 << 20), os.urandom(6 << 20)
+        (m.mnt / "kept.bin").write_bytes(kept)
+        (m.mnt / "small.txt").write_bytes(b"a record")
+        (m.mnt / "gone.bin").write_bytes(gone)
+        (m.mnt / "gone.bin").unlink()
+        fsync_dir(m.mnt)
+        out = m.medfs("node", "gc")
+        assert out.returncode == 0, out.stderr
+        freed = float(out.stdout.split(": ")[-1].split(" MiB")[0].replace(",", ""))
+        assert freed >= 5, out.stdout  # the deleted 6 MiB version's blocks
+        m.umount()
+        out = m.medfs("verify", "--deep")  # every current version whole on the node
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        m.force_cleanup()
