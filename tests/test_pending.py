@@ -94,11 +94,15 @@ def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
 ) -> None:
     staging = Staging(store.directory, 1 << 30, ahead=8)
     texts = [os.urandom(100 + n) for n in range(30)]
+
+    def filled() -> bool:  # the worker made all it may, and waits: nothing moves here now
+        deadline = time.monotonic() + 20
+        while len(_empty_objects(store.directory)) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(_empty_objects(store.directory)) == 8
+
     first = seal_small(staging, texts[0])  # the first close starts the worker
-    deadline = time.monotonic() + 20
-    while len(_empty_objects(store.directory)) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(_empty_objects(store.directory)) == 8
+    assert filled()
     # More closes than files ready: the rest are made at the close, as without a worker.
     sealed = [first] + [seal_small(staging, text) for text in texts[1:]]
     assert len({s.spool for s in sealed}) == len(texts)
@@ -106,8 +110,8 @@ def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
         assert format.decrypt_bytes(s.key, s.spool.read_bytes()) == text
     records = [store.save(n, s, T0 + n) for n, s in enumerate(sealed)]
     # A crash leaves the unused ones empty, without a record: a mount's start deletes them.
-    left = _empty_objects(store.directory)
-    assert store.sweep() == (0, len(left))
+    assert filled()
+    assert store.sweep() == (0, 8)
     assert set(store.directory.iterdir()) == {r.spool for r in records}
     assert sorted(store.load(), key=lambda r: r.ino) == records
     # A clean end (umount) deletes them itself, and only them.
