@@ -367,6 +367,7 @@ class Filesystem(pyfuse3.Operations):
                     await self._node_trouble(err)
 
     def _upload_spool(self, record: PendingRecord) -> str:
+        record.spool.stat()  # FileNotFoundError before a request, not from inside its body
         return self.ipfs.add(record.chunks())
 
     def _upload_group(
@@ -432,8 +433,13 @@ class Filesystem(pyfuse3.Operations):
         for ino, record in list(self._pending.items()):
             if record.size <= SMALL_FILE:
                 continue  # sealed while the groups went up: the next round takes it
+            if self._pending.get(ino) is not record:
+                continue  # superseded or deleted while the ones before it went up
             try:
                 cid = await trio.to_thread.run_sync(self._upload_spool, record)
+            except FileNotFoundError:
+                self._lost_staging([record])
+                continue
             except IPFSError as err:
                 await self._node_trouble(err)
                 return err.message

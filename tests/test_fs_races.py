@@ -128,6 +128,27 @@ def test_a_read_sent_to_a_staging_copy_as_its_version_is_uploaded_gets_its_bytes
         node.stop()
 
 
+def test_a_version_whose_staging_file_is_lost_is_dropped_and_holds_no_fsync(
+    tmp_path: Path,
+) -> None:
+    node, api = _fixed_port_node(tmp_path / "node")
+
+    async def scenario(fs: Filesystem) -> None:
+        ino = await closed_while_the_node_is_down(fs, node, os.urandom(3 << 20))
+        fs._pending[ino].spool.unlink()  # removed by something other than the mount
+        await trio.to_thread.run_sync(node.ensure_running)
+        with trio.fail_after(60):
+            await fs.settle()
+        assert fs._round_error is None and ino not in fs._pending
+        inode = fs.manifest.get(ino)
+        assert inode is not None and inode.cid is None  # it keeps what it had: nothing
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
 def test_a_read_whose_staging_copy_is_gone_for_good_fails_with_eio(tmp_path: Path) -> None:
     node, api = _fixed_port_node(tmp_path / "node")
 
