@@ -1056,7 +1056,7 @@ class Filesystem(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         self._writable()
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: unsupported
             raise _fail(errno.EINVAL)
         self._check_name(name_new)
         moved = self.manifest.lookup(parent_inode_old, name_old)

@@ -346,11 +346,15 @@ def test_rename_cases(mnt: Mounted) -> None:
     (root / "b").write_bytes(b"b")
     assert renameat2(root / "a", root / "b", RENAME_NOREPLACE) == errno.EEXIST
     assert renameat2(root / "a", root / "b", RENAME_EXCHANGE) == errno.EINVAL
+    # No whiteouts here (overlayfs's): refused, not a plain rename that leaves none behind.
+    assert renameat2(root / "a", root / "c", RENAME_WHITEOUT) == errno.EINVAL
     assert (root / "a").read_bytes() == b"a" and (root / "b").read_bytes() == b"b"
+    assert not (root / "c").exists()
 
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 
 def renameat2(old: Path, new: Path, flags: int) -> int:
