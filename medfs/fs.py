@@ -1289,6 +1289,10 @@ class Filesystem(pyfuse3.Operations):
         if name not in (XATTR_CID, XATTR_INFO, XATTR_STATS):
             # The kernel asks for security.capability before every write: answer at once.
             raise _fail(pyfuse3.ENOATTR)
+        if name != XATTR_STATS and inode in self._pending and self._round_error is None:
+            # Just closed: `medfs stat` right after a `cp` shows the version it wrote, as a
+            # reader would read it, not the one before (or none) while the upload waits.
+            await self._wait_committed({inode})
         node = self._inode(inode)
         if name == XATTR_CID:
             if node.cid is None:

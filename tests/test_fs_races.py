@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,7 +34,7 @@ from medfs.content import (
     seal_small,
 )
 from medfs.errors import UsageError
-from medfs.fs import Filesystem
+from medfs.fs import XATTR_CID, XATTR_INFO, Filesystem
 from medfs.identity import Identity
 from medfs.ipfs import IPFS
 from medfs.kubo import EmbeddedNode
@@ -142,6 +143,29 @@ def test_a_version_whose_staging_file_is_lost_is_dropped_and_holds_no_fsync(
         assert fs._round_error is None and ino not in fs._pending
         inode = fs.manifest.get(ino)
         assert inode is not None and inode.cid is None  # it keeps what it had: nothing
+
+    try:
+        run_with_filesystem(tmp_path, api, scenario)
+    finally:
+        node.stop()
+
+
+def test_the_facts_of_a_file_just_closed_are_those_of_the_version_it_closed(
+    tmp_path: Path,
+) -> None:
+    node, api = _fixed_port_node(tmp_path / "node")
+    data = os.urandom(150_000)
+
+    async def scenario(fs: Filesystem) -> None:
+        info, attrs = await fs.create(pyfuse3.ROOT_INODE, b"r.txt", 0o600, os.O_WRONLY, CTX)
+        await fs.write(info.fh, 0, data)
+        await fs.flush(info.fh)
+        await fs.release(info.fh)
+        assert attrs.st_ino in fs._pending  # its group upload has not started yet
+        facts = json.loads(await fs.getxattr(attrs.st_ino, XATTR_INFO, CTX))
+        assert facts["size"] == len(data) and facts["cid"] is not None
+        assert not facts["pending"]
+        assert (await fs.getxattr(attrs.st_ino, XATTR_CID, CTX)).decode() == facts["cid"]
 
     try:
         run_with_filesystem(tmp_path, api, scenario)
