@@ -465,6 +465,17 @@ class Staging:
             fresh = self._fresh
         return fresh.take()
 
+    def renew(self) -> None:
+        """At a mount's start, once the staging area holds nothing: make its directory anew,
+        where new files are cheap to make (`durable.renew_empty_directory`). Only a hint to
+        the filesystem: whatever stops it leaves the directory as it was."""
+        if self._fresh is not None:
+            return  # files are being made in it already
+        try:
+            durable.renew_empty_directory(self.directory)
+        except OSError as err:
+            log.debug("the staging directory stays where it is: %s", err)
+
     def close(self) -> None:
         """Delete the files made ahead and never used (a mount's start would, otherwise)."""
         if self._fresh is not None:

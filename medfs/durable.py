@@ -7,8 +7,15 @@ a replaced one is either the old or the new content after a power cut, never a m
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+
+# <linux/fs.h>: the inode flags ioctls (an int, whatever the macros' "long" says) and the flag
+# that makes ext4's Orlov allocator treat a directory as the top of a hierarchy.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -52,3 +59,44 @@ def replace(path: Path, data: bytes) -> None:
         os.close(fd)
     tmp.replace(path)
     fsync_path(path.parent, directory=True)
+
+
+def renew_empty_directory(path: Path) -> bool:
+    """Replace the empty directory `path` (mode 0700) by a new one made in a parent marked as
+    the top of a hierarchy (ext4's `chattr +T`), so that ext4 places it, and the files made
+    in it, in a block group of its own choosing instead of the old one's. False, changing
+    nothing, if `path` is not an empty directory.
+
+    ext4 without a journal skips every inode freed in the last minute when it allocates one,
+    checking each in turn: in a group where thousands were (a Kubo garbage collection, a test
+    run's clean-up), one new file costs 400-800 us of CPU against ~20 us in a fresh group
+    (docs/PERFORMANCE.md). Elsewhere the flag is refused and nothing changes but the inode.
+    """
+    parent = path.parent
+    _mark_top_directory(parent)
+    new = parent / (path.name + ".new")
+    if new.is_dir() and not new.is_symlink():
+        new.rmdir()  # a crash's leftover: made empty, and renamed only when still empty
+    new.mkdir(mode=0o700)
+    try:
+        new.rename(path)  # replaces a directory only while it is empty
+    except OSError:
+        new.rmdir()
+        return False
+    fsync_path(parent, directory=True)
+    return True
+
+
+def _mark_top_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+        value = int.from_bytes(flags[:4], "little")
+        if not value & _FS_TOPDIR_FL:
+            marked = (value | _FS_TOPDIR_FL).to_bytes(4, "little") + bytes(4)
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, marked)
+    except OSError:
+        pass  # not ext4 (tmpfs, btrfs, xfs...): no such hint, and no such cost either
+    finally:
+        os.close(fd)

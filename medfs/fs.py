@@ -267,6 +267,8 @@ class Filesystem(pyfuse3.Operations):
             if self._pending:
                 log.info("%d versions wait in the staging area for upload", len(self._pending))
                 self._wake.set()
+            elif not self.read_only:
+                self.staging.renew()
         if not self.read_only:
             # A file without any version was still being written when a daemon died: it was
             # never closed, so it never existed for anyone (closed files always have one).

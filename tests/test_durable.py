@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -50,3 +51,40 @@ def test_write_all_finishes_short_writes(tmp_path: Path, monkeypatch: pytest.Mon
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"x" * 100 + b"end"
+
+
+def _inode_flags(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, durable._FS_IOC_GETFLAGS, buf)
+        return int.from_bytes(buf[:4], "little")
+    except OSError:
+        return None  # a filesystem without inode flags (tmpfs)
+    finally:
+        os.close(fd)
+
+
+def test_an_empty_directory_is_made_anew_under_a_parent_marked_as_a_top(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o755)
+    (tmp_path / "staging.new").mkdir()  # left by a crash between its mkdir and its rename
+    before = staging.stat().st_ino
+    assert durable.renew_empty_directory(staging)
+    assert staging.is_dir() and staging.stat().st_ino != before
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staging"]
+    flags = _inode_flags(tmp_path)
+    if flags is not None:  # ext4 here: the hint that places the new directory elsewhere
+        assert flags & durable._FS_TOPDIR_FL
+
+
+def test_a_directory_with_anything_in_it_is_left_as_it_was(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "waiting.obj").write_bytes(b"a version waiting for its upload")
+    before = staging.stat().st_ino
+    assert not durable.renew_empty_directory(staging)
+    assert staging.stat().st_ino == before
+    assert (staging / "waiting.obj").read_bytes() == b"a version waiting for its upload"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staging"]
