@@ -469,8 +469,6 @@ class Staging:
         """At a mount's start, once the staging area holds nothing: make its directory anew,
         where new files are cheap to make (`durable.renew_empty_directory`). Only a hint to
         the filesystem: whatever stops it leaves the directory as it was."""
-        if self._fresh is not None:
-            return  # files are being made in it already
         try:
             durable.renew_empty_directory(self.directory)
         except OSError as err:

@@ -592,6 +592,12 @@ class Filesystem(pyfuse3.Operations):
             if self._round_error is not None:
                 return
 
+    async def _wait_if_closing(self, ino: int) -> None:
+        """If `ino` was just closed and its version is about to be committed, until it is.
+        While the node fails, not at all: the staging copy serves at once."""
+        if ino in self._pending and self._round_error is None:
+            await self._wait_committed({ino})
+
     async def settle(self) -> None:
         """Return once every version closed so far is committed (or staged, if the node is
         down): what `sync` on the mount waits for, before a share reads the manifest."""
@@ -1171,10 +1177,8 @@ class Filesystem(pyfuse3.Operations):
     @_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         reading = (flags & os.O_ACCMODE) != os.O_WRONLY
-        if reading and inode in self._pending and self._round_error is None:
-            # Just closed and about to be committed: a reader gets (and the audit log names)
-            # the committed version. While the node fails, the staging copy serves at once.
-            await self._wait_committed({inode})
+        if reading:  # a reader gets (and the audit log names) the committed version
+            await self._wait_if_closing(inode)
         node = self._inode(inode)
         if node.kind != "file":
             raise _fail(errno.EISDIR if node.kind == "dir" else errno.ELOOP)
@@ -1291,10 +1295,8 @@ class Filesystem(pyfuse3.Operations):
         if name not in (XATTR_CID, XATTR_INFO, XATTR_STATS):
             # The kernel asks for security.capability before every write: answer at once.
             raise _fail(pyfuse3.ENOATTR)
-        if name != XATTR_STATS and inode in self._pending and self._round_error is None:
-            # Just closed: `medfs stat` right after a `cp` shows the version it wrote, as a
-            # reader would read it, not the one before (or none) while the upload waits.
-            await self._wait_committed({inode})
+        if name != XATTR_STATS:  # `medfs stat` right after a `cp` shows the version it wrote
+            await self._wait_if_closing(inode)
         node = self._inode(inode)
         if name == XATTR_CID:
             if node.cid is None:
