@@ -487,12 +487,16 @@ def _new_object(directory: Path) -> Path:
 
 
 class _FreshFiles:
-    """Up to `count` empty files made ahead in one directory by a worker, taken one at a time."""
+    """`count` empty files made ahead in one directory by a worker, taken one at a time.
+
+    Every take asks the worker to make up for it, so that once it has caught up exactly
+    `count` are ready: what a crash leaves behind, and what the next mount sweeps, is bounded
+    and known. Waking it at each take costs no file more than a low-water mark would.
+    """
 
     def __init__(self, directory: Path, count: int) -> None:
         self.directory = directory
         self.high = count
-        self.low = count // 4  # fewer left than this: make more, up to `high`
         self._ready: list[Path] = []
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -504,8 +508,7 @@ class _FreshFiles:
     def take(self) -> Path:
         with self._lock:
             path = self._ready.pop() if self._ready else None
-            if len(self._ready) < self.low:
-                self._wanted.set()
+        self._wanted.set()
         # None ready (the first close, or a burst that outran the worker): made here, as always.
         return path if path is not None else _new_object(self.directory)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medfs import format
-from medfs.content import PendingRecord, PendingStore, Staging, seal_small
+from medfs.content import PendingRecord, PendingStore, Staging, _FreshFiles, seal_small
 
 KEY = bytes(range(32))
 T0 = 1_700_000_000_000_000_000
@@ -89,6 +89,25 @@ def _empty_objects(directory: Path) -> set[Path]:
     return {p for p in directory.glob("*.obj") if p.stat().st_size == 0}
 
 
+def _until_empty_objects(directory: Path, count: int) -> bool:
+    deadline = time.monotonic() + 20
+    while len(_empty_objects(directory)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(_empty_objects(directory)) == count
+
+
+def test_the_worker_makes_up_for_every_file_taken(tmp_path: Path) -> None:
+    # The order a fast machine can give: the worker makes all it may before the first take.
+    # Each take is made up for, so exactly as many as asked for wait, whatever the timing.
+    fresh = _FreshFiles(tmp_path, 8)
+    assert _until_empty_objects(tmp_path, 8)
+    for taken in range(1, 5):
+        fresh.take().write_bytes(b"a version")
+        assert _until_empty_objects(tmp_path, 8), taken
+    fresh.close()
+    assert _empty_objects(tmp_path) == set()
+
+
 def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
     store: PendingStore,
 ) -> None:
@@ -96,10 +115,7 @@ def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
     texts = [os.urandom(100 + n) for n in range(30)]
 
     def filled() -> bool:  # the worker made all it may, and waits: nothing moves here now
-        deadline = time.monotonic() + 20
-        while len(_empty_objects(store.directory)) < 8 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return len(_empty_objects(store.directory)) == 8
+        return _until_empty_objects(store.directory, 8)
 
     first = seal_small(staging, texts[0])  # the first close starts the worker
     assert filled()
