@@ -455,15 +455,17 @@ class Staging:
         35-815 us of CPU (docs/PERFORMANCE.md), and each small close needs one, on the thread
         that serves FUSE. A crash leaves the unused ones empty, without a pending record's
         marker, and a mount's start deletes those (`PendingStore.sweep`, FORMAT.md §8): the
-        first is taken only after that sweep, at the first small close.
+        worker starts only after that sweep, at the first small close, which makes its own.
         """
         if not self.ahead:
             return _new_object(self.directory)
         with self._lock:  # closes of small and larger files come from two threads
-            if self._fresh is None:
-                self._fresh = _FreshFiles(self.directory, self.ahead)
             fresh = self._fresh
-        return fresh.take()
+            if fresh is None:
+                self._fresh = _FreshFiles(self.directory, self.ahead)
+        # Taking from a worker that has just started would leave `ahead` or one fewer ready,
+        # as the threads happen to run: its first fill is whole when no close takes part.
+        return _new_object(self.directory) if fresh is None else fresh.take()
 
     def renew(self) -> None:
         """At a mount's start, once the staging area holds nothing: make its directory anew,
@@ -487,16 +489,12 @@ def _new_object(directory: Path) -> Path:
 
 
 class _FreshFiles:
-    """`count` empty files made ahead in one directory by a worker, taken one at a time.
-
-    Every take asks the worker to make up for it, so that once it has caught up exactly
-    `count` are ready: what a crash leaves behind, and what the next mount sweeps, is bounded
-    and known. Waking it at each take costs no file more than a low-water mark would.
-    """
+    """Up to `count` empty files made ahead in one directory by a worker, taken one at a time."""
 
     def __init__(self, directory: Path, count: int) -> None:
         self.directory = directory
         self.high = count
+        self.low = count // 4  # fewer left than this: make more, up to `high`
         self._ready: list[Path] = []
         self._lock = threading.Lock()
         self._wanted = threading.Event()
@@ -508,7 +506,8 @@ class _FreshFiles:
     def take(self) -> Path:
         with self._lock:
             path = self._ready.pop() if self._ready else None
-        self._wanted.set()
+            if len(self._ready) < self.low:
+                self._wanted.set()
         # None ready (the first close, or a burst that outran the worker): made here, as always.
         return path if path is not None else _new_object(self.directory)
 
@@ -516,7 +515,11 @@ class _FreshFiles:
         while not self._closed:
             self._wanted.wait()
             self._wanted.clear()
-            while not self._closed and len(self._ready) < self.high:
+            # As many as were missing when asked: takes meanwhile wait for the next call,
+            # so what is left after a burst of closes does not hang on the threads' timing.
+            with self._lock:  # woken by close(): nothing
+                missing = 0 if self._closed else self.high - len(self._ready)
+            for _ in range(missing):
                 try:
                     path = _new_object(self.directory)
                 except OSError as err:  # a full disk, say: from now on each close makes its own

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from medfs import format
-from medfs.content import PendingRecord, PendingStore, Staging, _FreshFiles, seal_small
+from medfs.content import PendingRecord, PendingStore, Staging, seal_small
 
 KEY = bytes(range(32))
 T0 = 1_700_000_000_000_000_000
@@ -50,7 +50,8 @@ def test_a_record_keeps_its_key_and_inode_sealed(store: PendingStore) -> None:
     record = saved(store, 123456)
     raw = record.spool.read_bytes()
     assert record.key not in raw and record.key.hex().encode() not in raw
-    assert b"123456" not in raw and b"ino" not in raw
+    # Five bytes or more: a three-byte word turns up in a kilobyte of ciphertext once a 10^4.
+    assert b"123456" not in raw and b'"ino"' not in raw
 
 
 def test_records_that_cannot_be_used_are_left_in_place(store: PendingStore) -> None:
@@ -89,45 +90,30 @@ def _empty_objects(directory: Path) -> set[Path]:
     return {p for p in directory.glob("*.obj") if p.stat().st_size == 0}
 
 
-def _until_empty_objects(directory: Path, count: int) -> bool:
-    deadline = time.monotonic() + 20
-    while len(_empty_objects(directory)) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return len(_empty_objects(directory)) == count
-
-
-def test_the_worker_makes_up_for_every_file_taken(tmp_path: Path) -> None:
-    # The order a fast machine can give: the worker makes all it may before the first take.
-    # Each take is made up for, so exactly as many as asked for wait, whatever the timing.
-    fresh = _FreshFiles(tmp_path, 8)
-    assert _until_empty_objects(tmp_path, 8)
-    for taken in range(1, 5):
-        fresh.take().write_bytes(b"a version")
-        assert _until_empty_objects(tmp_path, 8), taken
-    fresh.close()
-    assert _empty_objects(tmp_path) == set()
-
-
 def test_files_made_ahead_serve_one_version_each_and_never_outlive_the_mount(
     store: PendingStore,
 ) -> None:
-    staging = Staging(store.directory, 1 << 30, ahead=8)
+    # The worker makes more once fewer than a quarter wait: 29 closes after the first leave
+    # 35 of 64, and it makes none, so every count below is exact whatever the timing.
+    staging = Staging(store.directory, 1 << 30, ahead=64)
     texts = [os.urandom(100 + n) for n in range(30)]
 
-    def filled() -> bool:  # the worker made all it may, and waits: nothing moves here now
-        return _until_empty_objects(store.directory, 8)
+    def ready(count: int) -> bool:  # the worker made all it may, and waits: nothing moves now
+        deadline = time.monotonic() + 20
+        while len(_empty_objects(store.directory)) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(_empty_objects(store.directory)) == count
 
-    first = seal_small(staging, texts[0])  # the first close starts the worker
-    assert filled()
-    # More closes than files ready: the rest are made at the close, as without a worker.
+    first = seal_small(staging, texts[0])  # the first close starts the worker, and waits not
+    assert ready(64)
     sealed = [first] + [seal_small(staging, text) for text in texts[1:]]
     assert len({s.spool for s in sealed}) == len(texts)
     for s, text in zip(sealed, texts, strict=True):
         assert format.decrypt_bytes(s.key, s.spool.read_bytes()) == text
     records = [store.save(n, s, T0 + n) for n, s in enumerate(sealed)]
     # A crash leaves the unused ones empty, without a record: a mount's start deletes them.
-    assert filled()
-    assert store.sweep() == (0, 8)
+    assert ready(64 - 29)
+    assert store.sweep() == (0, 64 - 29)
     assert set(store.directory.iterdir()) == {r.spool for r in records}
     assert sorted(store.load(), key=lambda r: r.ino) == records
     # A clean end (umount) deletes them itself, and only them.
