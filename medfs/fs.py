@@ -429,7 +429,8 @@ class Filesystem(pyfuse3.Operations):
             except (IPFSError, OSError) as err:
                 await self._node_trouble_or_log(err)
                 return err.message if isinstance(err, IPFSError) else str(err)
-            self._lost_staging([r for r in small if r not in {u for u, _ in uploaded}])
+            sent = {record for record, _ in uploaded}
+            self._lost_staging([r for r in small if r not in sent])
             if group is not None:
                 await self._publish_group(group, uploaded)
         for ino, record in list(self._pending.items()):
