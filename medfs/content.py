@@ -517,7 +517,7 @@ class _FreshFiles:
             self._wanted.clear()
             # As many as were missing when asked: takes meanwhile wait for the next call,
             # so what is left after a burst of closes does not hang on the threads' timing.
-            with self._lock:  # woken by close(): nothing
+            with self._lock:  # close() wakes it too, to make none and stop
                 missing = 0 if self._closed else self.high - len(self._ready)
             for _ in range(missing):
                 try:
