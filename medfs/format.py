@@ -104,10 +104,20 @@ class _SegmentCipher:
         try:
             return self._aead.decrypt(_nonce(counter, final), ciphertext, self._aad)
         except InvalidTag:
-            raise FormatError(
-                f"segment {counter} of the encrypted object fails authentication "
-                "(corrupt, truncated, reordered, or the wrong key)"
-            ) from None
+            raise _unauthentic(counter) from None
+
+    def open_into(self, counter: int, final: bool, ciphertext: Buffer, out: Buffer) -> None:
+        try:
+            self._aead.decrypt_into(_nonce(counter, final), ciphertext, self._aad, out)
+        except InvalidTag:
+            raise _unauthentic(counter) from None
+
+
+def _unauthentic(counter: int) -> FormatError:
+    return FormatError(
+        f"segment {counter} of the encrypted object fails authentication "
+        "(corrupt, truncated, reordered, or the wrong key)"
+    )
 
 
 def encrypt(
@@ -202,6 +212,45 @@ def _fetch_exact(fetch: Fetch, offset: int, length: int) -> bytes:
     return data
 
 
+class Segments:
+    """Opens one object's segments one at a time, from ciphertext the caller fetched: for a
+    reader that fetches a range ahead and opens each segment only when it is used.
+
+    `ciphertext_size` is the object's full size, as for `ObjectReader`: it fixes which segment
+    is final. Segment `index` is exactly the bytes `layout.segment_offset(index)` onwards,
+    `segment_plaintext_length(index) + TAG_SIZE` of them; anything else is a FormatError.
+    """
+
+    def __init__(self, content_key: bytes, header: Header, ciphertext_size: int) -> None:
+        self.plaintext_size = layout.plaintext_size(ciphertext_size)
+        self.count = layout.segment_count(self.plaintext_size)
+        self._cipher = _SegmentCipher(content_key, header)
+
+    def plaintext_length(self, index: int) -> int:
+        return layout.segment_plaintext_length(index, self.plaintext_size)
+
+    def _check(self, index: int, ciphertext: Buffer) -> bool:
+        """Whether segment `index` is the final one; FormatError if `ciphertext` cannot be it."""
+        if not 0 <= index < self.count:
+            raise FormatError(f"segment {index} is not in the object (it has {self.count})")
+        expected, got = (
+            self.plaintext_length(index) + layout.TAG_SIZE,
+            memoryview(ciphertext).nbytes,
+        )
+        if got != expected:
+            raise FormatError(f"segment {index} must be {expected} bytes of ciphertext, got {got}")
+        return index == self.count - 1
+
+    def open(self, index: int, ciphertext: Buffer) -> bytes:
+        """The plaintext of segment `index`, authenticated."""
+        return self._cipher.open(index, self._check(index, ciphertext), ciphertext)
+
+    def open_into(self, index: int, ciphertext: Buffer, out: Buffer) -> None:
+        """`open`, written into `out` (exactly `plaintext_length(index)` bytes) instead of a new
+        buffer. On a FormatError, `out` holds nothing to use."""
+        self._cipher.open_into(index, self._check(index, ciphertext), ciphertext, out)
+
+
 class ObjectReader:
     """Random-access decryption of one object through `fetch(offset, length) -> bytes`.
 
@@ -221,7 +270,7 @@ class ObjectReader:
         self.ciphertext_size = ciphertext_size
         self.header = read_header(fetch) if header is None else header
         self._fetch = fetch
-        self._cipher = _SegmentCipher(content_key, self.header)
+        self._segments = Segments(content_key, self.header, ciphertext_size)
 
     def read(self, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset + length), shorter only at the end of the object."""
@@ -235,8 +284,7 @@ class ObjectReader:
         parts = []
         for index in range(where.first, where.last + 1):
             start = (index - where.first) * stride
-            final = index == where.last and where.last_is_final
-            parts.append(self._cipher.open(index, final, data[start : start + stride]))
+            parts.append(self._segments.open(index, data[start : start + stride]))
         plain = b"".join(parts)
         if where.skip == 0 and where.length == len(plain):
             return plain

@@ -1199,8 +1199,12 @@ class Filesystem(pyfuse3.Operations):
             self._record_read(inode, node.cid, ctx)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, writable), keep_cache=unchanged)
 
+    # pyfuse3 replies with any contiguous buffer (PyObject_GetBuffer), though its stub says
+    # bytes: a view of the buffer the segments were decrypted into saves a copy per request.
     @_op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         handle = self._handles[fh]
         draft = self._drafts.get(handle.ino)
         if draft is not None:

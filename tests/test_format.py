@@ -257,3 +257,64 @@ def test_large_single_chunk_is_fine():
 def test_bad_key_length_is_a_programming_error():
     with pytest.raises(ValueError, match="32 bytes"):
         fmt.encrypt_bytes(b"short", b"")
+
+
+def _segment(obj: bytes, index: int) -> bytes:
+    """Segment `index` of `obj` as a reader fetches it."""
+    start = layout.segment_offset(index)
+    return obj[start : start + S + layout.TAG_SIZE]
+
+
+def test_segments_open_each_segment_alone_and_into_a_buffer():
+    plain = plaintext(2 * S + 100)
+    obj = fmt.encrypt_bytes(KEY, plain)
+    segments = fmt.Segments(KEY, fmt.Header.parse(obj[: fmt.HEADER_SIZE]), len(obj))
+    assert [segments.plaintext_length(i) for i in range(segments.count)] == [S, S, 100]
+    for index in (2, 0, 1):  # any order: each is opened with its own counter
+        want = plain[index * S : index * S + segments.plaintext_length(index)]
+        assert segments.open(index, memoryview(_segment(obj, index))) == want
+        out = bytearray(len(want))
+        segments.open_into(index, _segment(obj, index), out)
+        assert out == want
+
+
+@pytest.mark.parametrize(
+    ("index", "change", "message"),
+    [
+        (1, lambda seg: seg[:5] + bytes([seg[5] ^ 1]) + seg[6:], "fails authentication"),
+        (1, lambda seg: seg[:-1] + bytes([seg[-1] ^ 0x80]), "fails authentication"),  # tag
+        (1, lambda seg: seg[:-1], "must be 65552 bytes"),  # cut short
+        (1, lambda seg: seg + b"\0", "must be 65552 bytes"),  # one byte too many
+        (2, lambda seg: seg[:-1], "must be 116 bytes"),  # the final segment, cut
+        (3, lambda seg: seg, "not in the object"),  # no such segment
+        (-1, lambda seg: seg, "not in the object"),
+    ],
+)
+def test_segments_refuse_what_is_not_that_segment(index, change, message):
+    obj = fmt.encrypt_bytes(KEY, plaintext(2 * S + 100))
+    segments = fmt.Segments(KEY, fmt.Header.parse(obj[: fmt.HEADER_SIZE]), len(obj))
+    ciphertext = change(_segment(obj, max(index, 0)))
+    with pytest.raises(FormatError, match=message):
+        segments.open(index, ciphertext)
+    out = bytearray(segments.plaintext_length(max(0, min(index, 2))))
+    with pytest.raises(FormatError, match=message):
+        segments.open_into(index, ciphertext, out)
+
+
+def test_segments_bind_position_finality_and_object():
+    plain = plaintext(3 * S)
+    obj = fmt.encrypt_bytes(KEY, plain)
+    header = fmt.Header.parse(obj[: fmt.HEADER_SIZE])
+    segments = fmt.Segments(KEY, header, len(obj))
+    with pytest.raises(FormatError, match=r"segment 1 .* fails authentication"):
+        segments.open(1, _segment(obj, 0))  # moved to another position
+    # Cut after two segments, the second now looks final: it was sealed as not final.
+    cut = fmt.Segments(KEY, header, layout.segment_offset(2))
+    assert cut.open(0, _segment(obj, 0)) == plain[:S]
+    with pytest.raises(FormatError, match="fails authentication"):
+        cut.open(1, _segment(obj, 1))
+    other = fmt.encrypt_bytes(KEY, plaintext(3 * S, seed=1))  # same key, another salt
+    with pytest.raises(FormatError, match="fails authentication"):
+        segments.open(1, _segment(other, 1))
+    with pytest.raises(FormatError, match="fails authentication"):
+        fmt.Segments(bytes(32), header, len(obj)).open(0, _segment(obj, 0))  # wrong key

@@ -22,8 +22,9 @@ import pytest
 import trio
 import trio.testing
 
-from medfs import access, content, recipients, state
+from medfs import access, content, layout, recipients, state
 from medfs.content import (
+    ContentError,
     PendingStore,
     Reader,
     SegmentCache,
@@ -252,6 +253,38 @@ def test_a_read_waits_for_segments_another_read_is_fetching(
     trio.run(main)
     assert got == {"first": plaintext[:SEG], "ninth": plaintext[8 * SEG : 9 * SEG]}
     assert (reader.fetches, reader.segments_fetched) == (1, 16)
+
+
+def test_a_segment_read_ahead_is_authenticated_when_it_is_read(tmp_path: Path, ipfs: IPFS) -> None:
+    # Read-ahead leaves ciphertext in the cache, opened by the read that uses it: a damaged
+    # segment fails that read alone, is not kept, and never reaches the reader as plaintext.
+    plaintext = os.urandom(8 * SEG)
+    sealed = seal_small(Staging(tmp_path, 1 << 30), plaintext)
+    with open(sealed.spool, "r+b") as fh:
+        at = layout.segment_offset(5) + 700
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    local = Version("spool:x", sealed.key, sealed.salt, sealed.size, local=sealed.spool)
+    reader = Reader(ipfs, SegmentCache(16 << 20))
+
+    async def main() -> None:
+        window = reader.claim_ahead(local, 0, 7)
+        assert window is not None
+        await reader.fetch_ahead(window)
+        assert all(reader.cache.get("spool:x", i) is not None for i in range(8))
+        assert (
+            bytes(await reader.read(local, 3 * SEG + 10, SEG))
+            == plaintext[3 * SEG + 10 : 4 * SEG + 10]
+        )
+        with pytest.raises(ContentError, match=r"segment 5 .* fails authentication"):
+            await reader.read(local, 5 * SEG, 4096)
+        assert reader.cache.get("spool:x", 5) is None  # not served again
+        assert bytes(await reader.read(local, 6 * SEG, 2 * SEG)) == plaintext[6 * SEG :]
+
+    trio.run(main)
+    assert reader.fetches == 1  # all of it came from the one read-ahead
 
 
 def on_a_node(tmp_path: Path, scenario: Callable[[Filesystem], Awaitable[None]]) -> None:
