@@ -181,6 +181,19 @@ class SegmentCache:
                 self._items.move_to_end((cid, index))
             return item
 
+    def run(self, cid: str, first: int, last: int) -> list[Fetched]:
+        """The cached segments first, first + 1, ... up to last, stopping at the first one
+        missing: every segment of a read in one lock (it is taken for each request)."""
+        out = []
+        with self._lock:
+            for index in range(first, last + 1):
+                item = self._items.get((cid, index))
+                if item is None:
+                    break
+                self._items.move_to_end((cid, index))
+                out.append(item)
+        return out
+
     def put(self, cid: str, index: int, item: Fetched) -> None:
         with self._lock:
             old = self._items.pop((cid, index), None)
@@ -228,24 +241,14 @@ class Reader:
         self._counting = threading.Lock()  # workers count too: no increment may be lost
 
     def _cached(self, v: Version, first: int, last: int) -> list[Fetched] | None:
-        out = []
-        for index in range(first, last + 1):
-            item = self.cache.get(v.cid, index)
-            if item is None:
-                return None
-            out.append(item)
-        return out
+        items = self.cache.run(v.cid, first, last)
+        return items if len(items) == last - first + 1 else None
 
     def fetched(self, v: Version, first: int, last: int, ahead: int = 0) -> list[Fetched]:
         """Segments first..last as fetched (blocking). Misses are fetched in one range request,
         extended by `ahead` segments that are cached for the reads to come."""
-        items: list[Fetched] = []
-        for index in range(first, last + 1):
-            item = self.cache.get(v.cid, index)
-            if item is None:
-                break
-            items.append(item)
-        else:
+        items = self.cache.run(v.cid, first, last)
+        if len(items) == last - first + 1:
             return items
         start = first + len(items)
         stop = min(layout.segment_count(v.size) - 1, max(last, last + ahead))
