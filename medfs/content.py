@@ -222,7 +222,7 @@ class Reader:
     thread, straight into the buffer it replies with: at most what one request returns (the
     kernel asks 256 KiB at a time), cheaper than the hand-off to a worker. Opening them in the
     read-ahead threads instead cost a GIL hand-off per 64 KiB segment, and a cold 1 GiB `cat`
-    from a local copy ran at 580-615 MiB/s against 800-870 (docs/PERFORMANCE.md)."""
+    from a local copy ran at 578-615 MiB/s against 778-878 (docs/PERFORMANCE.md)."""
 
     def __init__(self, ipfs: IPFS, cache: SegmentCache, copies: LocalCopies | None = None) -> None:
         self.ipfs = ipfs
