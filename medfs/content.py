@@ -319,28 +319,24 @@ class Reader:
                 # node. Each round drops one segment, so this ends.
                 continue
 
-    def read_sync(self, v: Version, offset: int, length: int, ahead: int = 0) -> bytes:
-        end = min(offset + length, v.size)
-        if end <= offset:
-            return b""
+    def _read_sync(self, v: Version, offset: int, end: int, ahead: int) -> memoryview:
+        """`read` of a miss, in a worker: fetched, then opened as a hit is."""
         first, last = offset // SEG, (end - 1) // SEG
-        joined = b"".join(self.segments(v, first, last, ahead))
-        skip = offset - first * SEG
-        return joined[skip : skip + end - offset]
+        while True:
+            try:
+                return self._plaintext(v, offset, end, self.fetched(v, first, last, ahead))
+            except _CopyDamaged:
+                continue  # as in `segments`: from the node now
 
     def _plaintext(self, v: Version, offset: int, end: int, items: list[Fetched]) -> memoryview:
         """Bytes [offset, end) opened from `items`, the segments that hold them, into one
         buffer; the reply is a view of it, so nothing is copied after decryption."""
         first = offset // SEG
-        buffer = bytearray(min(first * SEG + len(items) * SEG, v.size) - first * SEG)
+        buffer = bytearray(min((first + len(items)) * SEG, v.size) - first * SEG)
         view = memoryview(buffer)
         for i, item in enumerate(items):
-            index = first + i
-            self._open(
-                v, index, item, view[i * SEG : i * SEG + item.opener.plaintext_length(index)]
-            )
-        skip = offset - first * SEG
-        return view[skip : skip + end - offset]
+            self._open(v, first + i, item, view[i * SEG : (i + 1) * SEG])
+        return view[offset - first * SEG : end - first * SEG]
 
     async def read(
         self, v: Version, offset: int, length: int, ahead: int = 0
@@ -373,7 +369,7 @@ class Reader:
         for index in claimed:
             self._inflight[(v.cid, index)] = mine
         try:
-            return await trio.to_thread.run_sync(self.read_sync, v, offset, length, ahead)
+            return await trio.to_thread.run_sync(self._read_sync, v, offset, end, ahead)
         finally:
             self._release(v.cid, claimed, mine)
 

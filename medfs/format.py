@@ -226,27 +226,24 @@ class Segments:
         self.count = layout.segment_count(self.plaintext_size)
         self._cipher = _SegmentCipher(content_key, header)
 
-    def plaintext_length(self, index: int) -> int:
-        return layout.segment_plaintext_length(index, self.plaintext_size)
-
     def _check(self, index: int, ciphertext: Buffer) -> bool:
-        """Whether segment `index` is the final one; FormatError if `ciphertext` cannot be it."""
+        """Whether segment `index` is the final one; FormatError if `ciphertext` cannot be it.
+        (Every read opens a few: the length is worked out here, not by `layout`'s checks.)"""
         if not 0 <= index < self.count:
             raise FormatError(f"segment {index} is not in the object (it has {self.count})")
-        expected, got = (
-            self.plaintext_length(index) + layout.TAG_SIZE,
-            memoryview(ciphertext).nbytes,
-        )
+        final = index == self.count - 1
+        plain = self.plaintext_size - index * SEGMENT_SIZE if final else SEGMENT_SIZE
+        expected, got = plain + layout.TAG_SIZE, memoryview(ciphertext).nbytes
         if got != expected:
             raise FormatError(f"segment {index} must be {expected} bytes of ciphertext, got {got}")
-        return index == self.count - 1
+        return final
 
     def open(self, index: int, ciphertext: Buffer) -> bytes:
         """The plaintext of segment `index`, authenticated."""
         return self._cipher.open(index, self._check(index, ciphertext), ciphertext)
 
     def open_into(self, index: int, ciphertext: Buffer, out: Buffer) -> None:
-        """`open`, written into `out` (exactly `plaintext_length(index)` bytes) instead of a new
+        """`open`, written into `out` (exactly the segment's plaintext length) instead of a new
         buffer. On a FormatError, `out` holds nothing to use."""
         self._cipher.open_into(index, self._check(index, ciphertext), ciphertext, out)
 

@@ -269,9 +269,11 @@ def test_segments_open_each_segment_alone_and_into_a_buffer():
     plain = plaintext(2 * S + 100)
     obj = fmt.encrypt_bytes(KEY, plain)
     segments = fmt.Segments(KEY, fmt.Header.parse(obj[: fmt.HEADER_SIZE]), len(obj))
-    assert [segments.plaintext_length(i) for i in range(segments.count)] == [S, S, 100]
+    assert [
+        layout.segment_plaintext_length(i, segments.plaintext_size) for i in range(segments.count)
+    ] == [S, S, 100]
     for index in (2, 0, 1):  # any order: each is opened with its own counter
-        want = plain[index * S : index * S + segments.plaintext_length(index)]
+        want = plain[index * S : index * S + layout.segment_plaintext_length(index, len(plain))]
         assert segments.open(index, memoryview(_segment(obj, index))) == want
         out = bytearray(len(want))
         segments.open_into(index, _segment(obj, index), out)
@@ -296,7 +298,7 @@ def test_segments_refuse_what_is_not_that_segment(index, change, message):
     ciphertext = change(_segment(obj, max(index, 0)))
     with pytest.raises(FormatError, match=message):
         segments.open(index, ciphertext)
-    out = bytearray(segments.plaintext_length(max(0, min(index, 2))))
+    out = bytearray(layout.segment_plaintext_length(max(0, min(index, 2)), 2 * S + 100))
     with pytest.raises(FormatError, match=message):
         segments.open_into(index, ciphertext, out)
 
