@@ -7,7 +7,9 @@ a replaced one is either the old or the new content after a power cut, never a m
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import glob
 import os
 from pathlib import Path
 
@@ -71,12 +73,19 @@ def renew_empty_directory(path: Path) -> bool:
     checking each in turn: in a group where thousands were (a Kubo garbage collection, a test
     run's clean-up), one new file costs 400-800 us of CPU against ~20 us in a fresh group
     (docs/PERFORMANCE.md). Elsewhere the flag is refused and nothing changes but the inode.
+
+    The new directory's name is random: under a top directory, ext4 starts its search for a
+    group at a hash of the name, so a fixed name would bring every mount's staging directory
+    back to the group where the last one freed its files.
     """
     parent = path.parent
     _mark_top_directory(parent)
-    new = parent / (path.name + ".new")
-    if new.is_dir() and not new.is_symlink():
-        new.rmdir()  # a crash's leftover: made empty, and renamed only when still empty
+    for left in parent.glob(glob.escape(path.name) + ".new*"):
+        # A crash's leftover: made empty, and renamed only when still empty.
+        if left.is_dir() and not left.is_symlink():
+            with contextlib.suppress(OSError):
+                left.rmdir()
+    new = parent / f"{path.name}.new-{os.urandom(8).hex()}"
     new.mkdir(mode=0o700)
     try:
         new.rename(path)  # replaces a directory only while it is empty

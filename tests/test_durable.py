@@ -68,7 +68,9 @@ def _inode_flags(path: Path) -> int | None:
 def test_an_empty_directory_is_made_anew_under_a_parent_marked_as_a_top(tmp_path: Path) -> None:
     staging = tmp_path / "staging"
     staging.mkdir(mode=0o755)
-    (tmp_path / "staging.new").mkdir()  # left by a crash between its mkdir and its rename
+    # Left by crashes between a mkdir and its rename, by this version and an older one.
+    (tmp_path / "staging.new").mkdir()
+    (tmp_path / "staging.new-00112233445566ff").mkdir()
     before = staging.stat().st_ino
     assert durable.renew_empty_directory(staging)
     assert staging.is_dir() and staging.stat().st_ino != before
@@ -77,6 +79,28 @@ def test_an_empty_directory_is_made_anew_under_a_parent_marked_as_a_top(tmp_path
     flags = _inode_flags(tmp_path)
     if flags is not None:  # ext4 here: the hint that places the new directory elsewhere
         assert flags & durable._FS_TOPDIR_FL
+
+
+def test_each_renewal_makes_its_directory_under_a_new_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ext4 hashes a new top-level directory's name to pick its block group: a name used again
+    # would put every mount's staging directory back where the last one freed its files.
+    made: list[str] = []
+    real_rename = Path.rename
+
+    def rename(self: Path, target: str | Path) -> Path:
+        made.append(self.name)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    assert durable.renew_empty_directory(staging)
+    assert durable.renew_empty_directory(staging)
+    assert len(made) == 2 and made[0] != made[1]
+    assert all(name.startswith("staging.new-") for name in made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staging"]
 
 
 def test_a_directory_with_anything_in_it_is_left_as_it_was(tmp_path: Path) -> None:
