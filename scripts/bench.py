@@ -21,7 +21,8 @@ Sections (run in this order; --only picks some, and a section measures what it n
   revoke     `medfs revoke` of one recipient from the big file against `cp` of it.
   gocryptfs  gocryptfs on local disk: the same big write (+ fsync) and cold read.
   ceilings   raw AES-256-GCM, SHA-256, and a no-op pyfuse3 filesystem (scripts/noop_fs.py):
-             each medfs throughput as a fraction of them.
+             each medfs throughput as a fraction of them, and the tree's `cp -r` through the
+             no-op filesystem: medfs's copy as a fraction of that speed.
 
 --quick scales every size down so that the whole run takes under two minutes.
 Needs root for dropping the page cache (/proc/sys/vm/drop_caches) and for FUSE.
@@ -113,7 +114,8 @@ class Row:
     baseline: str = ""
     baseline_value: float | None = None
     # medfs against the baseline: "throughput" (medfs / baseline, > 1 is faster), "time" or
-    # "memory" (medfs / baseline, < 1 is faster/smaller), "of ceiling" (medfs / ceiling).
+    # "memory" (medfs / baseline, < 1 is faster/smaller), "of ceiling" (medfs's speed as a
+    # fraction of the ceiling's: medfs / ceiling for a throughput, ceiling / medfs for a time).
     ratio: float | None = None
     ratio_of: str = ""
     target: str = "reported"
@@ -835,7 +837,8 @@ def _crypto_rate(total: int, buf: int, action: Callable[[bytes], object]) -> flo
     return rounds * buf / MiB / best
 
 
-def _noop_rates(b: Bench) -> tuple[float, float]:
+def _noop_rates(b: Bench) -> tuple[float, float, float]:
+    """The no-op filesystem's dd write and read (MiB/s), and its `cp -r` of the tree (s)."""
     mnt = b.work / "noop-mnt"
     mnt.mkdir()
     log = open(b.work / "noop.log", "wb")  # noqa: SIM115 (closed in finally)
@@ -850,6 +853,8 @@ def _noop_rates(b: Bench) -> tuple[float, float]:
         zero = str(mnt / "zero")
         t_w = timed(lambda: b.run("dd", "if=/dev/zero", f"of={zero}", "bs=1M", count))
         t_r = timed(lambda: b.run("dd", f"if={zero}", "of=/dev/null", "bs=1M", count))
+        tree = b.tree()
+        t_tree = timed(lambda: b.run("cp", "-r", str(tree), str(mnt / "tree")))
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
         try:
@@ -859,7 +864,7 @@ def _noop_rates(b: Bench) -> tuple[float, float]:
             proc.wait()
         log.close()
     mb = b.sizes.noop / MiB
-    return mb / t_w, mb / t_r
+    return mb / t_w, mb / t_r, t_tree
 
 
 def bench_ceilings(b: Bench) -> list[Row]:
@@ -880,16 +885,25 @@ def bench_ceilings(b: Bench) -> list[Row]:
         ("SHA-256 (hashlib), 1 MiB buffers", "medfs cp",
          _crypto_rate(total, MiB, lambda d: hashlib.sha256(d).digest()), w),
     ]  # fmt: skip
-    noop_w, noop_r = _noop_rates(b)
+    noop_w, noop_r, noop_tree = _noop_rates(b)
     rates += [
         ("no-op pyfuse3 filesystem, dd bs=1M write", "medfs cp", noop_w, w),
         ("no-op pyfuse3 filesystem, dd bs=1M read", "medfs cat", noop_r, r),
     ]
-    return [
+    rows = [
         Row("ceilings", f"ceiling: {name}", ceiling, "MiB/s", what, medfs, medfs / ceiling,
             "of ceiling")
         for name, what, ceiling, medfs in rates
     ]  # fmt: skip
+    # The tree's requests through FUSE and pyfuse3 with no work behind them: medfs's copy
+    # as a fraction of that speed (the ceiling's time over medfs's).
+    tree_s = b.tree_figures()["tree_cp_s"]
+    rows.append(
+        Row("ceilings", f"ceiling: no-op pyfuse3 filesystem, cp -r of the {b.sizes.small_files:,}"
+            " files", noop_tree, "s", "medfs cp -r, until durable", tree_s, noop_tree / tree_s,
+            "of ceiling")
+    )  # fmt: skip
+    return rows
 
 
 SECTIONS: dict[str, Callable[[Bench], list[Row]]] = {

@@ -29,7 +29,7 @@ EXPECTED = {
     "share": 2,
     "revoke": 1,
     "gocryptfs": 2,
-    "ceilings": 7,
+    "ceilings": 8,
 }
 
 
