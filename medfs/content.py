@@ -36,10 +36,10 @@ import queue
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import trio
 from cryptography.exceptions import InvalidTag
@@ -55,6 +55,7 @@ from medfs.ipfs import IPFS
 log = logging.getLogger(__name__)
 
 SEG = layout.SEGMENT_SIZE
+T = TypeVar("T")
 # Sequential reads fetch ahead in growing windows up to this many segments (8 MiB): fewer,
 # larger range requests; each costs a round trip to the node whatever its size.
 MAX_READAHEAD = 128
@@ -240,10 +241,6 @@ class Reader:
         self.copy_reads = 0  # range reads a local copy served
         self._counting = threading.Lock()  # workers count too: no increment may be lost
 
-    def _cached(self, v: Version, first: int, last: int) -> list[Fetched] | None:
-        items = self.cache.run(v.cid, first, last)
-        return items if len(items) == last - first + 1 else None
-
     def fetched(self, v: Version, first: int, last: int, ahead: int = 0) -> list[Fetched]:
         """Segments first..last as fetched (blocking). Misses are fetched in one range request,
         extended by `ahead` segments that are cached for the reads to come."""
@@ -308,25 +305,31 @@ class Reader:
                 raise _CopyDamaged from err
             raise ContentError(f"cannot read {v.cid}: {err.message}") from err
 
-    def segments(self, v: Version, first: int, last: int, ahead: int = 0) -> list[bytes]:
-        """Plaintext segments first..last (blocking), fetched as `fetched` does."""
+    def _fetch_and_open(
+        self, v: Version, first: int, last: int, ahead: int, opened: Callable[[list[Fetched]], T]
+    ) -> T:
+        """`opened(items)` of segments first..last as `fetched` gives them (blocking)."""
         while True:
-            items = self.fetched(v, first, last, ahead)
             try:
-                return [self._open(v, i, item) for i, item in enumerate(items, first)]
+                return opened(self.fetched(v, first, last, ahead))
             except _CopyDamaged:
                 # That segment left the cache and the copy is gone: fetched again, from the
                 # node. Each round drops one segment, so this ends.
                 continue
 
+    def segments(self, v: Version, first: int, last: int, ahead: int = 0) -> list[bytes]:
+        """Plaintext segments first..last (blocking), fetched as `fetched` does."""
+        return self._fetch_and_open(
+            v, first, last, ahead,
+            lambda items: [self._open(v, i, item) for i, item in enumerate(items, first)],
+        )  # fmt: skip
+
     def _read_sync(self, v: Version, offset: int, end: int, ahead: int) -> memoryview:
         """`read` of a miss, in a worker: fetched, then opened as a hit is."""
         first, last = offset // SEG, (end - 1) // SEG
-        while True:
-            try:
-                return self._plaintext(v, offset, end, self.fetched(v, first, last, ahead))
-            except _CopyDamaged:
-                continue  # as in `segments`: from the node now
+        return self._fetch_and_open(
+            v, first, last, ahead, lambda items: self._plaintext(v, offset, end, items)
+        )
 
     def _plaintext(self, v: Version, offset: int, end: int, items: list[Fetched]) -> memoryview:
         """Bytes [offset, end) opened from `items`, the segments that hold them, into one
@@ -346,14 +349,13 @@ class Reader:
             return b""
         first, last = offset // SEG, (end - 1) // SEG
         for _attempt in range(2):
-            hit = self._cached(v, first, last)
-            if hit is not None:  # sequential reads after read-ahead: no thread hop
+            cached = self.cache.run(v.cid, first, last)
+            if len(cached) == last - first + 1:  # sequential reads after read-ahead: no hop
                 try:
-                    return self._plaintext(v, offset, end, hit)
+                    return self._plaintext(v, offset, end, cached)
                 except _CopyDamaged:
                     break  # asked again below, from the node
-            missing = next(i for i in range(first, last + 1) if self.cache.get(v.cid, i) is None)
-            event = self._inflight.get((v.cid, missing))
+            event = self._inflight.get((v.cid, first + len(cached)))  # the first one missing
             if event is None:
                 break
             await event.wait()  # a prefetch, or another read, is bringing it
