@@ -1,10 +1,20 @@
-"""The read-ahead heuristic of a file handle: sequential readers get windows, random ones never."""
+"""The read-ahead heuristic of a file handle: sequential readers get windows, random ones never;
+and the background windows a reader claims: whole ones, found without a lookup per segment."""
 
 from __future__ import annotations
 
 import random
 
-from medfs.content import MAX_READAHEAD
+from medfs import layout
+from medfs.content import (
+    MAX_READAHEAD,
+    PREFETCH_WINDOW,
+    Ahead,
+    Fetched,
+    Reader,
+    SegmentCache,
+    Version,
+)
 from medfs.fs import Handle
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -49,3 +59,52 @@ def test_a_seek_ends_the_streak() -> None:
         handle.after_read(off, 128 * KiB)
     assert handle.ahead > 0
     assert handle.plan_read(500 * MiB, 128 * KiB) == 0
+
+
+class CountingCache(SegmentCache):
+    def __init__(self) -> None:
+        super().__init__(1 << 30)
+        self.gets = 0
+
+    def get(self, cid: str, index: int) -> Fetched | None:
+        self.gets += 1
+        return super().get(cid, index)
+
+
+def _reader() -> tuple[Reader, CountingCache]:
+    cache = CountingCache()
+    return Reader(None, cache), cache  # type: ignore[arg-type]  # claims never ask the node
+
+
+def _done(reader: Reader, window: Ahead) -> None:
+    """What `fetch_ahead` does once a window is fetched, without fetching it."""
+    reader._prefetching -= 1
+    reader._release(window.version.cid, range(window.start, window.stop + 1), window.event)
+
+
+BIG = Version("big", b"k" * 32, b"s" * 16, GiB)
+
+
+def test_a_sliver_past_the_claimed_windows_waits_without_looking_at_its_segments() -> None:
+    reader, cache = _reader()
+    first = reader.claim_ahead(BIG, 1, 2 * MAX_READAHEAD)
+    assert first is not None and (first.start, first.stop) == (1, PREFETCH_WINDOW)
+    _done(reader, first)
+    second = reader.claim_ahead(BIG, 5, 4 + 2 * MAX_READAHEAD)
+    assert second is not None and (second.start, second.stop) == (129, 256)
+    _done(reader, second)
+    # A sequential reader asks at every request, 4 segments further each time: until about
+    # half a window fits past what was claimed, nothing is claimed and (almost) nothing looked up.
+    for at in range(9, 9 + 4 * 30, 4):
+        cache.gets = 0
+        assert reader.claim_ahead(BIG, at, at - 1 + 2 * MAX_READAHEAD) is None
+        assert cache.gets <= 1, at
+    third = reader.claim_ahead(BIG, 137, 136 + 2 * MAX_READAHEAD)
+    assert third is not None and (third.start, third.stop) == (257, 384)
+
+
+def test_the_last_segments_of_an_object_are_claimed_even_if_few() -> None:
+    reader, _ = _reader()
+    count = layout.segment_count(BIG.size)
+    window = reader.claim_ahead(BIG, count - 3, count + 100)
+    assert window is not None and (window.start, window.stop) == (count - 3, count - 1)
