@@ -101,6 +101,18 @@ def test_quick_bench_runs_to_completion(tmp_path: Path) -> None:
     mib = result["sizes"]["big"] / (1 << 20)
     assert math.isclose(write["value"], mib / statistics.median(rounds["cp_s"]))
     assert math.isclose(write["baseline_value"], mib / statistics.median(rounds["add_s"]))
+    # So do the cold reads: from the copy and from the node against `ipfs cat`, and against
+    # gocryptfs's read.
+    reads = [*by_section["mount"][2:4], by_section["gocryptfs"][1]]
+    for row, (mine, theirs) in zip(
+        reads,
+        [("cat_s", "ipfs_cat_s"), ("cat_s", "ipfs_cat_s"), ("medfs_cat_s", "gocryptfs_cat_s")],
+        strict=True,
+    ):
+        rounds = row["details"]["rounds"]  # type: ignore[index]
+        assert len(rounds[mine]) == len(rounds[theirs]) == result["sizes"]["read_rounds"], row
+        assert math.isclose(row["value"], mib / statistics.median(rounds[mine])), row
+        assert math.isclose(row["baseline_value"], mib / statistics.median(rounds[theirs])), row
     # Nothing left behind: no mount, no daemon, no temporary directory.
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(work) not in mounts
