@@ -408,7 +408,8 @@ class Reader:
             # Only a sliver fits before the end of the reader's window: wait, and fetch a
             # whole window later (every round trip to the node costs about the same). Known
             # before looking at the sliver's segments: a sequential reader comes here at
-            # nearly every request, and looking cost it ~65 lookups each time.
+            # nearly every request, and looking cost it ~65 lookups each time. A gap before a
+            # cached segment in the sliver waits too; a read that gets there first fetches it.
             return None
         stop = start
         while (

@@ -8,7 +8,8 @@ Sections (run in this order; --only picks some, and a section measures what it n
   mount      `cp` of a big file (1 GiB) into a medfs mount until it is durable (close returned:
              the version is added, pinned and committed), and `cat` of it back with the page
              cache dropped, from its local copy and from the node (the copy set aside),
-             against `ipfs add` / `ipfs cat` of the same bytes.
+             against `ipfs add` / `ipfs cat` of the same bytes. Each is timed three times in
+             turn with its baseline, and the medians compared.
   random     1,000 random 4 KiB O_DIRECT preads in that file on a fresh mount (empty segment
              cache, page cache dropped), from the local copy and from the node: p50/p99 and
              segments fetched per read, against fetching the whole object per read (what
@@ -19,7 +20,8 @@ Sections (run in this order; --only picks some, and a section measures what it n
   share      `medfs share` of 1,000 files with a new recipient: done by the running mount, and
              by the command alone (no mount).
   revoke     `medfs revoke` of one recipient from the big file against `cp` of it.
-  gocryptfs  gocryptfs on local disk: the same big write (+ fsync) and cold read.
+  gocryptfs  gocryptfs on local disk: the same big write (+ fsync), and its cold read in turn
+             with medfs's, three times each.
   ceilings   raw AES-256-GCM, SHA-256, and a no-op pyfuse3 filesystem (scripts/noop_fs.py):
              each medfs throughput as a fraction of them, and the tree's `cp -r` through the
              no-op filesystem: medfs's copy as a fraction of that speed.
